@@ -1,0 +1,1 @@
+"""shardflow benchmarks: `python -m benchmarks <suite> [--quick]`."""

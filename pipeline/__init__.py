@@ -1,0 +1,1 @@
+"""pipeline: the read side of shardflow."""

@@ -1,0 +1,130 @@
+"""The dataset manifest: the one schema the write side and the read side share.
+
+A dataset written by ``shard pack`` is a folder (local or any fsspec URL) of
+``shard-NNNNNN.tar`` shards, one DALI ``.idx`` index per shard, an optional
+``rejected.jsonl`` and ``manifest.json``. The manifest is written last and is
+the commit marker: a folder without one is an unfinished pack.
+
+Readers call :func:`read_manifest` and get a validated :class:`Manifest`; a
+version they do not know is refused with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+REJECTED_NAME = "rejected.jsonl"
+SHARD_PATTERN = "shard-{index:06d}.tar"
+INDEX_SUFFIX = ".idx"
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, malformed or of an unknown format version."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardInfo:
+    """One tar shard: enough to verify it and to plan reads without opening it."""
+
+    name: str  # file name relative to the dataset root, e.g. "shard-000000.tar"
+    samples: int
+    bytes: int
+    sha256: str
+    index: str | None  # DALI index file name (None for foreign tars without one)
+    first_key: str = ""
+    last_key: str = ""
+
+    def __post_init__(self) -> None:
+        if "/" in self.name or self.name.startswith(".."):
+            raise ManifestError(f"shard name must be a plain file name, got {self.name!r}")
+        if self.samples < 0 or self.bytes < 0:
+            raise ManifestError(f"shard {self.name}: negative samples or bytes")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """A whole dataset. ``classes`` maps class name to integer label."""
+
+    shards: tuple[ShardInfo, ...]
+    classes: dict[str, int]
+    samples: int
+    bytes: int
+    rejected: int = 0
+    class_counts: dict[str, int] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    tool_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.format_version != FORMAT_VERSION:
+            raise ManifestError(
+                f"manifest format version {self.format_version} is not supported by this "
+                f"shardflow (it reads version {FORMAT_VERSION}); upgrade shardflow, or "
+                "re-pack the dataset with this version's `shard pack`"
+            )
+        if sum(s.samples for s in self.shards) != self.samples:
+            raise ManifestError("manifest totals disagree: samples != sum of shard samples")
+        if sum(s.bytes for s in self.shards) != self.bytes:
+            raise ManifestError("manifest totals disagree: bytes != sum of shard bytes")
+        labels = sorted(self.classes.values())
+        if labels != list(range(len(labels))):
+            raise ManifestError("class labels must be 0..num_classes-1 without gaps")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shard_sizes(self) -> list[int]:
+        return [s.samples for s in self.shards]
+
+    def to_json(self) -> str:
+        """Deterministic JSON (sorted keys, no timestamps): equal inputs give equal bytes."""
+        data = asdict(self)
+        data["shards"] = [asdict(s) for s in self.shards]
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "manifest") -> Manifest:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{source} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(data, dict):
+            raise ManifestError(f"{source} must hold a JSON object")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"{source} has format version {version!r}; this shardflow reads version "
+                f"{FORMAT_VERSION}: upgrade shardflow or re-pack the dataset"
+            )
+        try:
+            shards = tuple(ShardInfo(**s) for s in data.pop("shards"))
+            return cls(shards=shards, **data)
+        except (TypeError, KeyError) as exc:
+            raise ManifestError(f"{source} is malformed: {exc}") from None
+
+
+def join_url(root: str, name: str) -> str:
+    """Join a dataset root (local path or URL) and a member name."""
+    return root.rstrip("/") + "/" + name
+
+
+def read_manifest(root: str, storage_options: dict[str, Any] | None = None) -> Manifest:
+    """Load and validate ``ROOT/manifest.json``; raise ManifestError with the reason."""
+    url = join_url(root, MANIFEST_NAME)
+    try:
+        with fsspec.open(url, "rt", **(storage_options or {})) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ManifestError(
+            f"no {MANIFEST_NAME} under {root}: not a shardflow dataset, or its pack did "
+            "not finish (run `shard pack ... --resume` to complete it)"
+        ) from None
+    return Manifest.from_json(text, source=url)

@@ -1,0 +1,1 @@
+"""train: the torchrun-launched DDP trainer."""

@@ -1,7 +1,8 @@
 """Entry point: ``python -m benchmarks <suite> [options]``.
 
 Each suite is a module with ``add_arguments(parser)`` and ``run(args) ->
-list[Measurement]``; this file only dispatches and writes the results.
+(list[Measurement], notes: dict)``; this file only dispatches and writes the
+results. ``args.quick`` and ``args.repeats`` are set for every suite.
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("suite", choices=[*SUITES, "all"], help="what to measure")
     parser.add_argument("--quick", action="store_true", help="small sizes, one timed repetition")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: 3, 1 with --quick)")
+    parser.add_argument(
+        "--out", default=str(DEFAULT_OUT), help="results folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed repetitions (default: 3, 1 with --quick)"
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     known, rest = parser.parse_known_args(argv)
     names = list(SUITES) if known.suite == "all" else [known.suite]

@@ -128,7 +128,16 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "versions": {
             m: _version(m)
-            for m in ("torch", "torchvision", "nvidia.dali", "webdataset", "PIL", "numpy", "fsspec", "s3fs")
+            for m in (
+                "torch",
+                "torchvision",
+                "nvidia.dali",
+                "webdataset",
+                "PIL",
+                "numpy",
+                "fsspec",
+                "s3fs",
+            )
         },
         "gpu": None,
     }
@@ -171,7 +180,13 @@ def markdown_table(measurements: list[Measurement]) -> str:
     ]
     for m in measurements:
         s = m.summary()
-        vs = f"{rat[m.name]:.2f}x {m.baseline}" if m.name in rat else "baseline" if m.baseline is None else "-"
+        vs = (
+            f"{rat[m.name]:.2f}x {m.baseline}"
+            if m.name in rat
+            else "baseline"
+            if m.baseline is None
+            else "-"
+        )
         lines.append(
             f"| {m.name} | {s['median']:,.1f} | {s['min']:,.1f} | {s['max']:,.1f} | {m.unit} | {vs} |"
         )

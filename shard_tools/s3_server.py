@@ -93,7 +93,9 @@ def _bucket_ready(server: S3Server) -> bool:
     import s3fs
 
     fs = s3fs.S3FileSystem(
-        **server.storage_options(), skip_instance_cache=True, config_kwargs={"retries": {"max_attempts": 1}}
+        **server.storage_options(),
+        skip_instance_cache=True,
+        config_kwargs={"retries": {"max_attempts": 1}},
     )
     try:
         fs.ls(server.bucket, refresh=True)
@@ -227,8 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p_start = sub.add_parser("start", help="start the server in the background and print its env")
-    p_start.add_argument("--dir", required=True, help="data folder (objects persist across restarts)")
-    p_start.add_argument("--bucket", default="shardflow", help="bucket to create (default: shardflow)")
+    p_start.add_argument(
+        "--dir", required=True, help="data folder (objects persist across restarts)"
+    )
+    p_start.add_argument(
+        "--bucket", default="shardflow", help="bucket to create (default: shardflow)"
+    )
     p_start.add_argument("--port", type=int, default=None, help="S3 port (default: a free one)")
     p_start.add_argument("--access-key", default="shardflow-key")
     p_start.add_argument("--secret-key", default="shardflow-secret")
@@ -245,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                 access_key=args.access_key,
                 secret_key=args.secret_key,
             )
-            print(f"# SeaweedFS S3 at {server.endpoint_url}, bucket {server.bucket}", file=sys.stderr)
+            print(
+                f"# SeaweedFS S3 at {server.endpoint_url}, bucket {server.bucket}", file=sys.stderr
+            )
             for k, v in server.env().items():
                 print(f"export {k}={v}")
         elif args.command == "env":

@@ -14,6 +14,7 @@ refused, waits until a signed request to the bucket succeeds, and stops it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -103,10 +104,8 @@ def _bucket_ready(server: S3Server) -> bool:
     except FileNotFoundError:
         # The server answers signed requests but the bucket is not there yet
         # (weed's -bucket does not always create it): create it ourselves.
-        try:
+        with contextlib.suppress(Exception):
             fs.mkdir(server.bucket)
-        except Exception:
-            pass
         return False
     except Exception:
         return False

@@ -1,0 +1,48 @@
+"""The one batch type every backend returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Batch:
+    """``images``: float NCHW tensor in channels_last memory format on the target
+    device; ``labels``: int64 on the same device; ``keys``: the sample key of
+    each row (a row that replaced a corrupt sample repeats a valid key);
+    ``skipped``: keys of corrupt samples replaced in this batch."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str]
+    skipped: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EpochReport:
+    """What this rank's loader handed out in the current epoch.
+
+    ``keys`` in yield order (only batches yielded by this loader object, so a
+    resumed loader reports from its resume point); ``repeated``: samples that
+    were pad repeats (this rank); ``dropped``: samples of the epoch that no rank
+    reads under the drop policy (all ranks); ``corrupt``: keys skipped as
+    corrupt and replaced by a valid sample of the same batch.
+    """
+
+    epoch: int
+    rank: int
+    world_size: int
+    steps: int
+    keys: tuple[str, ...]
+    repeated: int
+    dropped: int
+    corrupt: tuple[str, ...]
+
+    @property
+    def samples(self) -> int:
+        return len(self.keys)

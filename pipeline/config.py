@@ -1,0 +1,165 @@
+"""LoaderConfig: every knob of the read side, validated when it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+BACKENDS = ("dali-gpu", "dali-cpu", "torch", "synthetic")
+REMAINDER_POLICIES = ("pad", "drop")
+RECIPES = ("imagenet", "small")
+DTYPES = ("float32", "float16", "bfloat16")
+CACHES = ("none", "device")
+
+
+def _pair(name: str, value: Any, lo: float, hi: float | None = None) -> None:
+    if not (isinstance(value, tuple | list) and len(value) == 2):
+        raise ValueError(f"{name} must be a pair (low, high), got {value!r}")
+    a, b = value
+    if not (lo <= a <= b) or (hi is not None and b > hi):
+        bound = f"{lo} <= low <= high" + (f" <= {hi}" if hi is not None else "")
+        raise ValueError(f"{name} must satisfy {bound}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderConfig:
+    """What to read, how to split it over ranks, how to decode and augment it.
+
+    ``batch_size`` is PER RANK (the trainer derives it from its global batch).
+    Augmentation fields mean the same in every backend: ``scale``/``ratio`` of
+    the random resized crop (fractions of the image area / width:height),
+    ``rotate_deg`` (uniform in +-deg), ``translate`` (uniform in +-fraction of
+    the output size), ``hflip``/``vflip`` (probabilities), ``brightness`` /
+    ``contrast`` / ``saturation`` (factor uniform in [1-x, 1+x]), ``mean``/``std``
+    in [0, 1] pixel units. Eval resizes the shorter side to ``eval_resize``
+    (default ``image_size / 0.875``) and centre-crops ``image_size``. The
+    ``small`` recipe (CIFAR) is pad-by-``pad_px`` + random crop + flip.
+    """
+
+    data: str | None = None  # dataset root written by `shard pack` (path or fsspec URL)
+    backend: str = "torch"
+    batch_size: int  # per rank
+    train: bool = True
+    image_size: int = 224
+    seed: int = 0
+
+    # distribution and shuffling
+    remainder: str = "pad"  # "pad": repeat samples so no sample is lost; "drop": drop the tail
+    shuffle: bool = True  # shard order + sample buffer; only applies when train=True
+    shuffle_buffer: int = 4096  # samples held per rank for the in-memory shuffle
+
+    # augmentation
+    recipe: str = "imagenet"
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    rotate_deg: float = 0.0
+    translate: float = 0.0
+    hflip: float = 0.5
+    vflip: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    pad_px: int = 4
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    eval_resize: int | None = None
+
+    # output
+    dtype: str = "float32"
+    device: str | None = None  # default: cuda:<local_rank> if CUDA is available, else cpu
+
+    # parallelism
+    num_workers: int = 2  # torch backend: decode processes (0 = decode in this process)
+    num_threads: int = 2  # DALI: CPU threads of the pipeline
+    prefetch: int = 2  # batches decoded ahead of the one being consumed
+
+    # storage
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)
+    retries: int = 3  # extra attempts per read before failing
+    retry_backoff_s: float = 0.5  # first wait; doubles each attempt
+    read_ahead: int = 2  # read units fetched in background threads ahead of use
+    max_read_mb: int = 64  # upper bound of one ranged read (bounds memory per read unit)
+
+    # small-image mode: decode the dataset once into a uint8 tensor on the device
+    cache: str = "none"
+    cache_max_gb: float = 16.0
+
+    # synthetic backend
+    num_classes: int = 1000  # labels drawn from 0..num_classes-1 (synthetic only)
+    synthetic_samples: int = 1_281_167  # epoch size when `data` is not given
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.data is None and self.backend != "synthetic":
+            raise ValueError(f"backend {self.backend!r} needs data= (a dataset root)")
+        if self.data is not None and (not isinstance(self.data, str) or not self.data):
+            raise ValueError(f"data must be a non-empty path or URL string, got {self.data!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(
+                f"batch_size (per rank) must be a positive int, got {self.batch_size!r}"
+            )
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        if self.remainder not in REMAINDER_POLICIES:
+            raise ValueError(f"remainder must be 'pad' or 'drop', got {self.remainder!r}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        _pair("scale", self.scale, 1e-6, 1.0)
+        _pair("ratio", self.ratio, 1e-6)
+        if not 0 <= self.rotate_deg <= 180:
+            raise ValueError(f"rotate_deg must be in [0, 180], got {self.rotate_deg}")
+        if not 0 <= self.translate < 1:
+            raise ValueError(f"translate must be in [0, 1), got {self.translate}")
+        for name in ("hflip", "vflip"):
+            p = getattr(self, name)
+            if not 0 <= p <= 1:
+                raise ValueError(f"{name} is a probability in [0, 1], got {p}")
+        for name in ("brightness", "contrast", "saturation"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {v}")
+        if self.pad_px < 0:
+            raise ValueError(f"pad_px must be >= 0, got {self.pad_px}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std need 3 values each, std > 0")
+        if self.eval_resize is not None and self.eval_resize < self.image_size:
+            raise ValueError(
+                f"eval_resize ({self.eval_resize}) must be >= image_size ({self.image_size})"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("num_workers", "retries", "read_ahead"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("num_threads", "prefetch", "max_read_mb"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.retry_backoff_s < 0:
+            raise ValueError(f"retry_backoff_s must be >= 0, got {self.retry_backoff_s}")
+        if self.cache not in CACHES:
+            raise ValueError(f"cache must be 'none' or 'device', got {self.cache!r}")
+        if self.cache == "device" and self.backend == "synthetic":
+            raise ValueError("cache='device' decodes real data; the synthetic backend has none")
+        if self.cache == "device" and self.train and self.recipe != "small":
+            raise ValueError(
+                "cache='device' augments with the small-image recipe only; set recipe='small' "
+                "(pad + random crop + flip) or use a streaming backend"
+            )
+        if self.cache_max_gb <= 0:
+            raise ValueError(f"cache_max_gb must be > 0, got {self.cache_max_gb}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.synthetic_samples < 1:
+            raise ValueError(f"synthetic_samples must be >= 1, got {self.synthetic_samples}")
+
+    @property
+    def shuffling(self) -> bool:
+        """Whether shard order and the sample buffer are shuffled (training only)."""
+        return self.train and self.shuffle
+
+    @property
+    def resolved_eval_resize(self) -> int:
+        return self.eval_resize or int(round(self.image_size / 0.875))

@@ -1,0 +1,199 @@
+"""The exact sample order of a rank, computed from sample counts alone.
+
+A rank reads its segments sequentially (its *input* order) and emits samples
+through a shuffle buffer of ``buffer`` slots (webdataset-style: once the buffer
+is full, each new sample replaces a uniformly drawn slot, whose sample is
+emitted; the rest is drained in random order). Because the buffer is simulated
+over (shard, index) pairs with an RNG seeded from (seed, epoch, generation,
+rank), the whole epoch's *output* order is known before any byte is read. That
+is what makes exact resume, elastic re-splitting and per-rank key reports
+possible: the reader only has to fetch inputs in input order and hand them out
+in output order, holding at most ``buffer`` of them.
+
+Resume and elasticity are expressed as *generations*: an epoch starts with
+generation 0 = :func:`pipeline.assign.split_stream` of the epoch stream. When a
+run stops after K steps and resumes with another world size (or batch size),
+every old rank's unconsumed samples (its buffer leftovers, then its untouched
+suffix, pad repeats removed) are concatenated rank by rank into a new stream
+that is split again over the new world. Replaying the generations recorded in
+the loader state gives the same plan on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.assign import Segment, Split, epoch_stream, split_stream
+
+BUFFER_SALT = 0xB0FF
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A stretch of an epoch run with one world size and per-rank batch size."""
+
+    world_size: int
+    batch_size: int
+    steps: int  # steps every rank consumed in this generation
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankOrder:
+    """One rank's inputs (read order) and the output permutation over them."""
+
+    shard: np.ndarray  # int64 [S]: shard number of input i
+    index: np.ndarray  # int64 [S]: sample index inside that shard
+    pad: np.ndarray  # bool [S]: input i is a pad repeat
+    order: np.ndarray  # int64 [S]: output position -> input i
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def pending(self, consumed: int) -> np.ndarray:
+        """Input positions not yet emitted after CONSUMED outputs, in input order."""
+        return np.sort(self.order[consumed:])
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankPlan:
+    """Everything a rank needs to produce its batches for the current generation."""
+
+    rank: int
+    world_size: int
+    batch_size: int
+    generation: int
+    step_offset: int  # steps of the epoch consumed in earlier generations
+    steps: int  # steps of this generation
+    split: Split
+    ranks_order: RankOrder
+
+    @property
+    def epoch_steps(self) -> int:
+        return self.step_offset + self.steps
+
+
+def expand(segments: Sequence[Segment]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Segments -> per-sample (shard, index, pad) arrays, in stream order."""
+    if not segments:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy(), np.zeros(0, dtype=bool)
+    lengths = np.array([len(s) for s in segments], dtype=np.int64)
+    shard = np.repeat(np.array([s.shard for s in segments], dtype=np.int64), lengths)
+    starts = np.repeat(np.array([s.start for s in segments], dtype=np.int64), lengths)
+    seg_begin = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    index = starts + (np.arange(int(lengths.sum()), dtype=np.int64) - seg_begin)
+    pad = np.repeat(np.array([s.pad for s in segments], dtype=bool), lengths)
+    return shard, index, pad
+
+
+def coalesce(shard: np.ndarray, index: np.ndarray) -> list[Segment]:
+    """Per-sample (shard, index) arrays -> the fewest segments in the same order."""
+    if len(shard) == 0:
+        return []
+    brk = np.flatnonzero((np.diff(shard) != 0) | (np.diff(index) != 1)) + 1
+    starts = np.concatenate([[0], brk])
+    stops = np.concatenate([brk, [len(shard)]])
+    return [
+        Segment(int(shard[a]), int(index[a]), int(index[b - 1]) + 1)
+        for a, b in zip(starts, stops, strict=True)
+    ]
+
+
+def shuffle_buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """Output permutation of a streaming shuffle buffer with BUFFER slots over N inputs."""
+    if buffer <= 1 or n <= 1:
+        return np.arange(n, dtype=np.int64)
+    size = min(buffer, n)
+    buf = list(range(size))
+    out = np.empty(n, dtype=np.int64)
+    slots = rng.integers(0, size, n - size).tolist()
+    k = 0
+    for i, j in zip(range(size, n), slots, strict=True):
+        out[k] = buf[j]
+        buf[j] = i
+        k += 1
+    out[k:] = np.asarray(buf, dtype=np.int64)[rng.permutation(size)]
+    return out
+
+
+def rank_order(
+    segments: Sequence[Segment], *, seed: int, epoch: int, generation: int, rank: int, buffer: int
+) -> RankOrder:
+    """The rank's inputs and their shuffled output order."""
+    shard, index, pad = expand(segments)
+    rng = np.random.Generator(
+        np.random.PCG64(np.random.SeedSequence([seed, epoch, generation, rank, BUFFER_SALT]))
+    )
+    return RankOrder(
+        shard=shard, index=index, pad=pad, order=shuffle_buffer_order(len(shard), buffer, rng)
+    )
+
+
+def _remaining_stream(
+    split: Split, consumed: int, *, seed: int, epoch: int, generation: int, buffer: int
+) -> list[Segment]:
+    """Unconsumed real samples of every rank after CONSUMED outputs each, rank by rank."""
+    out: list[Segment] = []
+    for r, segs in enumerate(split.ranks):
+        ro = rank_order(segs, seed=seed, epoch=epoch, generation=generation, rank=r, buffer=buffer)
+        left = ro.pending(consumed)
+        left = left[~ro.pad[left]]  # pad repeats are re-created by the next split if needed
+        out.extend(coalesce(ro.shard[left], ro.index[left]))
+    return out
+
+
+def plan_rank(
+    sizes: Sequence[int],
+    *,
+    epoch: int,
+    seed: int,
+    policy: str,
+    shuffle: bool,
+    buffer: int,
+    history: Sequence[Generation],
+    world_size: int,
+    batch_size: int,
+    rank: int,
+) -> RankPlan:
+    """Replay HISTORY (earlier generations of this epoch) and plan the current one."""
+    buffer = buffer if shuffle else 0
+    stream = epoch_stream(sizes, epoch, seed, shuffle)
+    offset = 0
+    for g, gen in enumerate(history):
+        split = split_stream(stream, gen.world_size, gen.batch_size, policy)
+        if not 0 <= gen.steps <= split.steps:
+            raise ValueError(
+                f"resume state says {gen.steps} steps were taken in a generation of "
+                f"{split.steps} steps: the state does not belong to this dataset/config"
+            )
+        stream = _remaining_stream(
+            split, gen.steps * gen.batch_size, seed=seed, epoch=epoch, generation=g, buffer=buffer
+        )
+        offset += gen.steps
+        if not stream:
+            break
+    g = len(history)
+    if not stream:  # the epoch was fully consumed before this generation
+        empty = Split(ranks=((),) * world_size, per_rank=0, steps=0, real=0, padded=0, dropped=())
+        ro = rank_order((), seed=seed, epoch=epoch, generation=g, rank=rank, buffer=buffer)
+        return RankPlan(
+            rank=rank, world_size=world_size, batch_size=batch_size, generation=g,
+            step_offset=offset, steps=0, split=empty, ranks_order=ro,
+        )  # fmt: skip
+    split = split_stream(stream, world_size, batch_size, policy)
+    ro = rank_order(
+        split.ranks[rank], seed=seed, epoch=epoch, generation=g, rank=rank, buffer=buffer
+    )
+    return RankPlan(
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        generation=g,
+        step_offset=offset,
+        steps=split.steps,
+        split=split,
+        ranks_order=ro,
+    )

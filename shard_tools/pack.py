@@ -1,0 +1,346 @@
+"""``shard pack``: list the input, validate it in worker processes, write shards.
+
+Workers (processes) read, validate and re-encode batches of inputs; results
+come back in input order and one writer in this process assigns keys, cuts
+shards and writes them. Keys and shard boundaries therefore depend only on
+the input order and the options, never on the number or timing of workers:
+the output is byte-identical for any ``--workers``, after ``--resume`` and on
+any storage. Only a bounded number of batches is in flight, so memory does not
+grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from shard_tools import __version__, resume, validate
+from shard_tools.config import PackConfig
+from shard_tools.manifest import (
+    INDEX_SUFFIX,
+    MANIFEST_NAME,
+    REJECTED_NAME,
+    SHARD_PATTERN,
+    Manifest,
+    ShardInfo,
+)
+from shard_tools.sources import Item, Source, describe, list_source, select
+from shard_tools.storage import Destination
+from shard_tools.tarwrite import ShardTarWriter
+
+BATCH = 32  # inputs per worker task: big enough to amortise IPC for tiny images
+IN_FLIGHT_PER_WORKER = 4
+
+
+class PackError(Exception):
+    """The pack cannot proceed (bad destination state, --strict rejection, ...)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackResult:
+    """What a finished pack wrote."""
+
+    manifest: Manifest
+    dest: str
+    rejected: int
+    seconds: float
+    resumed_shards: int = 0
+    processed: int = 0  # inputs processed in this run (excludes resumed shards)
+
+    def summary(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "dest": self.dest,
+            "samples": m.samples,
+            "shards": len(m.shards),
+            "bytes": m.bytes,
+            "rejected": self.rejected,
+            "classes": m.num_classes,
+            "seconds": round(self.seconds, 3),
+            "img_per_s": round(self.processed / self.seconds, 1) if self.seconds > 0 else None,
+            "resumed_shards": self.resumed_shards,
+        }
+
+    def summary_line(self) -> str:
+        s = self.summary()
+        line = (
+            f"packed {s['samples']:,} samples into {s['shards']} shards ({s['bytes'] / 1e6:,.1f} MB) "
+            f"at {s['dest']} in {s['seconds']:.1f} s"
+        )
+        if s["img_per_s"]:
+            line += f" ({s['img_per_s']:,.0f} img/s)"
+        if s["resumed_shards"]:
+            line += f"; {s['resumed_shards']} shards kept from the interrupted run"
+        line += f"; rejected {s['rejected']:,}"
+        if s["rejected"]:
+            line += f" (see {REJECTED_NAME})"
+        return line
+
+
+def ordered_results(
+    items: list[Item], start: int, opts: validate.WorkerOptions, workers: int
+) -> Iterator[validate.Result]:
+    """Process ITEMS[START:] and yield results in input order, with bounded memory."""
+    if workers <= 1:
+        validate.init_worker()
+        for pos in range(start, len(items)):
+            yield validate.process(pos, items[pos], opts)
+        return
+    # spawn, not fork: the parent may run fsspec's I/O thread (s3fs), and a
+    # forked child inheriting a held lock would hang.
+    ex = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=validate.init_worker,
+    )
+    pending: deque = deque()
+    nxt = start
+    try:
+        while nxt < len(items) or pending:
+            while nxt < len(items) and len(pending) < workers * IN_FLIGHT_PER_WORKER:
+                pending.append(
+                    ex.submit(validate.process_batch, nxt, items[nxt : nxt + BATCH], opts)
+                )
+                nxt += BATCH
+            yield from pending.popleft().result()
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+class _ShardSink:
+    """One shard being written: its atomic file, its tar writer, its journal data."""
+
+    def __init__(self, dest: Destination, index: int) -> None:
+        self.name = SHARD_PATTERN.format(index=index)
+        self.index_name = self.name[: -len(".tar")] + INDEX_SUFFIX
+        self._cm = dest.atomic_writer(self.name)
+        self.tar = ShardTarWriter(self._cm.__enter__())
+        self.rejected: list[tuple[str, str]] = []
+        self.class_counts: dict[int, int] = {}
+
+    def commit(self, dest: Destination, input_end: int) -> dict[str, Any]:
+        idx = self.tar.finish().encode("ascii")
+        self._cm.__exit__(None, None, None)
+        dest.write_bytes(self.index_name, idx)
+        entry = {
+            "name": self.name,
+            "samples": self.tar.samples,
+            "bytes": self.tar.bytes_written,
+            "sha256": self.tar.sha256,
+            "index": self.index_name,
+            "index_sha256": hashlib.sha256(idx).hexdigest(),
+            "first_key": self.tar.first_key,
+            "last_key": self.tar.last_key,
+            "input_end": input_end,
+            "rejected": self.rejected,
+            "class_counts": {str(k): v for k, v in sorted(self.class_counts.items())},
+        }
+        resume.record(dest, entry)
+        return entry
+
+    def abort(self, exc: BaseException) -> None:
+        self._cm.__exit__(type(exc), exc, exc.__traceback__)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, initial=initial, unit="img", dynamic_ncols=True, file=sys.stderr, smoothing=0.1
+    )
+
+
+def _fingerprint(config: PackConfig, source: Source) -> dict[str, Any]:
+    return {
+        "tool_version": __version__,
+        "options": config.recorded_options(),
+        "classes": source.classes,
+        "inputs": len(source.items),
+        "listing_sha256": hashlib.sha256(describe(source.items)).hexdigest(),
+    }
+
+
+def pack(
+    config: PackConfig, *, storage_options: dict[str, Any] | None = None, progress: bool = True
+) -> PackResult:
+    """Pack CONFIG.src into shards at CONFIG.dest; see the module doc for the guarantees.
+
+    Raises PackError, resume.ResumeError or sources.SourceError with a
+    one-line reason when the pack cannot be done.
+    """
+    t0 = time.perf_counter()
+    dest = Destination(config.dest, storage_options)
+    if dest.exists(MANIFEST_NAME):
+        raise PackError(
+            f"{config.dest} already holds a finished dataset ({MANIFEST_NAME}); choose another DEST"
+        )
+    listed = list_source(config.src, storage_options)
+    source = select(
+        listed,
+        classes=config.classes,
+        fraction=config.fraction,
+        shuffle=config.shuffle,
+        seed=config.seed,
+    )
+    if config.strict and source.rejected:
+        path, reason = source.rejected[0]
+        raise PackError(
+            f"--strict: rejected {path}: {reason} (and {len(source.rejected) - 1} more)"
+        )
+    done = resume.begin(dest, _fingerprint(config, source), resume=config.resume)
+    tail: list[tuple[str, str]] = []
+    if config.executor == "ray":
+        from shard_tools.ray_exec import pack_with_ray
+
+        entries = pack_with_ray(config, source, dest, done, storage_options)
+    else:
+        written = _write_shards(config, source, dest, done, storage_options, progress, tail)
+        entries = done + list(written)
+    return _finish(config, source, dest, entries, tail, len(done), time.perf_counter() - t0)
+
+
+def _write_shards(
+    config: PackConfig,
+    source: Source,
+    dest: Destination,
+    done: list[dict[str, Any]],
+    storage_options: dict[str, Any] | None,
+    progress: bool,
+    tail_rejected: list[tuple[str, str]],
+) -> Iterator[dict[str, Any]]:
+    """Write the shards after DONE; yield each one's journal entry.
+
+    Rejections with no shard to carry them (every remaining input rejected)
+    go to TAIL_REJECTED.
+    """
+    start = done[-1]["input_end"] if done else 0
+    names = {v: k for k, v in source.classes.items()}
+    opts = validate.WorkerOptions(
+        class_names=tuple(names[i] for i in range(len(names))),
+        validate=config.validate,
+        max_pixels=config.max_pixels,
+        resize_max_side=config.resize_max_side,
+        quality=config.quality,
+        image_format=config.image_format,
+        storage_options=storage_options,
+    )
+    bar = _progress_bar(len(source.items), start, progress)
+    shard: _ShardSink | None = None
+    next_index = len(done)
+    written_bytes = 0
+    try:
+        for n, (pos, label, payload) in enumerate(
+            ordered_results(source.items, start, opts, config.num_workers)
+        ):
+            if bar is not None:
+                bar.update(1)
+                if n % 256 == 0:
+                    bar.set_postfix_str(f"{written_bytes / 1e6:,.0f} MB", refresh=False)
+            if label is None:
+                if config.strict:
+                    raise PackError(f"--strict: rejected {source.items[pos].source}: {payload}")
+                if shard is None:
+                    shard = _ShardSink(dest, next_index)
+                shard.rejected.append((source.items[pos].source, payload))
+                continue
+            if (
+                shard is not None
+                and shard.tar.samples
+                and (
+                    shard.tar.samples >= config.max_count
+                    or shard.tar.size_if_added(payload) > config.max_bytes
+                )
+            ):
+                yield shard.commit(dest, input_end=pos)
+                written_bytes += shard.tar.bytes_written
+                shard, next_index = None, next_index + 1
+            if shard is None:
+                shard = _ShardSink(dest, next_index)
+            shard.tar.add(f"{pos:010d}", payload)
+            shard.class_counts[label] = shard.class_counts.get(label, 0) + 1
+        if shard is not None:
+            if shard.tar.samples:
+                yield shard.commit(dest, input_end=len(source.items))
+            else:
+                # Only rejections since the last shard: no shard file, but the
+                # journal must still carry them.
+                shard.abort(RuntimeError("empty shard"))
+                tail_rejected.extend(shard.rejected)
+            shard = None
+    except BaseException as exc:
+        if shard is not None:
+            shard.abort(exc)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _finish(
+    config: PackConfig,
+    source: Source,
+    dest: Destination,
+    entries: list[dict[str, Any]],
+    tail_rejected: list[tuple[str, str]],
+    resumed: int,
+    seconds: float,
+) -> PackResult:
+    rejected = list(source.rejected)
+    for e in entries:
+        rejected.extend(tuple(r) for r in e["rejected"])
+    rejected.extend(tail_rejected)
+    lines = "".join(
+        json.dumps({"path": p, "reason": r}, sort_keys=True, ensure_ascii=False) + "\n"
+        for p, r in rejected
+    )
+    dest.write_bytes(REJECTED_NAME, lines.encode("utf-8"))
+    names = {v: k for k, v in source.classes.items()}
+    counts = {name: 0 for name in source.classes}
+    for e in entries:
+        for label, n in e["class_counts"].items():
+            counts[names[int(label)]] += n
+    shards = tuple(
+        ShardInfo(
+            name=e["name"],
+            samples=e["samples"],
+            bytes=e["bytes"],
+            sha256=e["sha256"],
+            index=e["index"],
+            first_key=e["first_key"],
+            last_key=e["last_key"],
+        )
+        for e in entries
+    )
+    manifest = Manifest(
+        shards=shards,
+        classes=dict(source.classes),
+        samples=sum(s.samples for s in shards),
+        bytes=sum(s.bytes for s in shards),
+        rejected=len(rejected),
+        class_counts=counts,
+        options=config.recorded_options(),
+        tool_version=__version__,
+    )
+    # The manifest is the commit marker: written last, after every shard,
+    # index and the rejected list are in place.
+    dest.write_bytes(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
+    resume.clear(dest)
+    processed = len(source.items) - (entries[resumed - 1]["input_end"] if resumed else 0)
+    return PackResult(
+        manifest=manifest,
+        dest=config.dest,
+        rejected=len(rejected),
+        seconds=seconds,
+        resumed_shards=resumed,
+        processed=processed,
+    )

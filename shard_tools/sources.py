@@ -1,0 +1,339 @@
+"""Inputs to pack: a class-folder tree, a manifest file, or existing webdataset tars.
+
+Every source is listed up front into a list of small :class:`Item` references
+(paths and tar offsets, never image bytes); workers read the bytes. The list
+is what subset selection and ``--shuffle`` permute, and its order decides the
+sample keys, so listing is deterministic (sorted) everywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import posixpath
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import braceexpand
+import fsspec
+import numpy as np
+
+from shard_tools.manifest import MANIFEST_NAME, Manifest
+from shard_tools.storage import options_for
+from shard_tools.tarwrite import split_name
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
+IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "jp2"}
+
+
+class SourceError(Exception):
+    """The input cannot be packed as a whole (missing, malformed, or unsafe)."""
+
+
+class TarRef(NamedTuple):
+    """One member inside a tar: read SIZE bytes at OFFSET of URL."""
+
+    url: str
+    offset: int
+    size: int
+    ext: str
+
+
+class Item(NamedTuple):
+    """One input sample: where its bytes are, what to call it, its label."""
+
+    ref: str | TarRef  # a local path or fsspec URL, or a member of a tar
+    source: str  # how the sample is named in metadata and rejected.jsonl
+    label: int
+    extra: dict[str, Any] | None = None
+
+
+@dataclass
+class Source:
+    """A listed input: classes (name -> label), items in pack order, listing rejects."""
+
+    classes: dict[str, int]
+    items: list[Item]
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _kind(src: str | tuple[str, ...]) -> str:
+    if isinstance(src, tuple) and len(src) > 1:
+        return "tars"
+    one = src[0] if isinstance(src, tuple) else src
+    base = one.rstrip("/").lower()
+    if base.endswith(MANIFEST_SUFFIXES):
+        return "manifest"
+    if base.endswith(".tar") or any(c in one for c in "*?[{"):
+        return "tars"
+    return "folder"
+
+
+def list_source(
+    src: str | tuple[str, ...], storage_options: dict[str, Any] | None = None
+) -> Source:
+    """List SRC (see the module doc) into a Source in its natural, sorted order."""
+    kind = _kind(src)
+    if kind == "tars":
+        patterns = list(src) if isinstance(src, tuple) else [src]
+        return _list_tars(patterns, storage_options)
+    one = src[0] if isinstance(src, tuple) else src
+    if kind == "manifest":
+        return _list_manifest(one, storage_options)
+    return _list_folder(one, storage_options)
+
+
+def _list_folder(root: str, storage_options: dict[str, Any] | None) -> Source:
+    fs, base = fsspec.core.url_to_fs(root, **options_for(root, storage_options))
+    if not fs.isdir(base):
+        raise SourceError(
+            f"SRC {root} is not a folder, a .csv/.jsonl/.parquet manifest or a .tar pattern"
+        )
+    base = base.rstrip("/")
+    files: list[str] = []
+    if _is_url(root):
+        files = [p[len(base) + 1 :] for p in fs.find(base)]
+    else:
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = os.path.relpath(dirpath, base)
+            for name in filenames:
+                if not name.startswith("."):
+                    files.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
+    files.sort()
+    names = sorted({f.split("/", 1)[0] for f in files if "/" in f})
+    classes = {name: i for i, name in enumerate(names)}
+    items, rejected = [], []
+    prefix = root.rstrip("/") if _is_url(root) else base
+    for rel in files:
+        if "/" not in rel:
+            rejected.append((rel, "not inside a class folder (SRC/<class>/<image>)"))
+            continue
+        items.append(Item(f"{prefix}/{rel}", rel, classes[rel.split("/", 1)[0]]))
+    return Source(classes=classes, items=items, rejected=rejected)
+
+
+def _read_table(url: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    opts = options_for(url, storage_options)
+    try:
+        if url.lower().endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            with fsspec.open(url, "rb", **opts) as f:
+                return pq.read_table(f).to_pylist()
+        with fsspec.open(url, "rt", encoding="utf-8", newline="", **opts) as f:
+            if url.lower().endswith(".csv"):
+                return list(csv.DictReader(f))
+            rows = []
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise SourceError(f"{url} line {n}: expected a JSON object")
+                    rows.append(row)
+            return rows
+    except FileNotFoundError:
+        raise SourceError(f"SRC manifest {url} not found") from None
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError, OSError) as exc:
+        raise SourceError(f"SRC manifest {url} cannot be read: {exc}") from None
+
+
+def _as_int_label(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def _list_manifest(url: str, storage_options: dict[str, Any] | None) -> Source:
+    rows = _read_table(url, storage_options)
+    if not rows:
+        raise SourceError(f"SRC manifest {url} has no rows")
+    missing = {"path", "label"} - set(rows[0])
+    if missing:
+        raise SourceError(f"SRC manifest {url} lacks column(s) {', '.join(sorted(missing))}")
+    labels = [r["label"] for r in rows]
+    ints = [_as_int_label(v) for v in labels]
+    if all(i is not None for i in ints):
+        if min(ints) < 0:
+            raise SourceError(f"SRC manifest {url}: integer labels must be >= 0")
+        classes = {str(i): i for i in range(max(ints) + 1)}
+        label_of = ints
+    else:
+        names = sorted({str(v) for v in labels})
+        classes = {name: i for i, name in enumerate(names)}
+        label_of = [classes[str(v)] for v in labels]
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    items = []
+    for row, label in zip(rows, label_of, strict=True):
+        path = str(row["path"])
+        ref = path if _is_url(path) or path.startswith("/") else f"{base}/{path}"
+        extra = {k: v for k, v in row.items() if k not in ("path", "label")} or None
+        items.append(Item(ref, path, label, extra))
+    return Source(classes=classes, items=items)
+
+
+def expand_tar_patterns(patterns: list[str], storage_options: dict[str, Any] | None) -> list[str]:
+    """Brace- and glob-expand tar patterns into existing URLs (sorted per glob)."""
+    urls: list[str] = []
+    for pattern in patterns:
+        for one in braceexpand.braceexpand(pattern):
+            fs, path = fsspec.core.url_to_fs(one, **options_for(one, storage_options))
+            if any(c in one for c in "*?["):
+                found = sorted(fs.glob(path))
+                if not found:
+                    raise SourceError(f"no tar matches {one}")
+                prefix = one.split("://", 1)[0] + "://" if _is_url(one) else ""
+                urls.extend(prefix + p if prefix and "://" not in p else p for p in found)
+            elif not fs.exists(path):
+                raise SourceError(f"tar {one} not found")
+            else:
+                urls.append(one)
+    return urls
+
+
+def check_member(tar_url: str, member: tarfile.TarInfo) -> None:
+    """Refuse members that could escape a folder or are not plain data."""
+    name = member.name
+    if name.startswith("/") or posixpath.isabs(name) or ".." in name.split("/"):
+        raise SourceError(
+            f"{tar_url}: unsafe member name {name!r} (absolute or '..'); refusing this tar"
+        )
+    if member.issym() or member.islnk():
+        raise SourceError(f"{tar_url}: member {name!r} is a link; refusing this tar")
+    if not (member.isfile() or member.isdir()):
+        raise SourceError(f"{tar_url}: member {name!r} is not a regular file; refusing this tar")
+
+
+def scan_tar(url: str, storage_options: dict[str, Any] | None):
+    """Yield (key, {ext: TarInfo}, {ext: small member bytes}) per sample of one tar.
+
+    Streams the tar once; .cls and .json members are read, images only located.
+    """
+    opts = options_for(url, storage_options)
+    try:
+        with (
+            fsspec.open(url, "rb", block_size=16 * 2**20, **opts) as f,
+            tarfile.open(fileobj=f, mode="r|") as tf,
+        ):
+            key, members, small = None, {}, {}
+            for m in tf:
+                check_member(url, m)
+                if not m.isfile():
+                    continue
+                k, ext = split_name(m.name)
+                if not k or k.endswith("/"):
+                    continue  # hidden files, like wds2idx
+                if k != key:
+                    if key is not None:
+                        yield key, members, small
+                    key, members, small = k, {}, {}
+                members[ext] = m
+                if ext in ("cls", "json"):
+                    small[ext] = tf.extractfile(m).read()
+            if key is not None:
+                yield key, members, small
+    except tarfile.TarError as exc:
+        raise SourceError(f"{url}: not a readable uncompressed tar ({exc})") from None
+    except FileNotFoundError:
+        raise SourceError(f"tar {url} not found") from None
+
+
+def _list_tars(patterns: list[str], storage_options: dict[str, Any] | None) -> Source:
+    urls = expand_tar_patterns(patterns, storage_options)
+    if not urls:
+        raise SourceError("no tars given")
+    classes: dict[str, int] | None = None
+    first_dir = urls[0].rsplit("/", 1)[0] if "/" in urls[0] else "."
+    try:
+        with fsspec.open(
+            f"{first_dir}/{MANIFEST_NAME}", "rt", **options_for(urls[0], storage_options)
+        ) as f:
+            classes = dict(Manifest.from_json(f.read()).classes)
+    except (FileNotFoundError, ValueError):
+        classes = None  # foreign tars: class names are the label numbers
+    items, rejected, max_label = [], [], -1
+    for url in urls:
+        for key, members, small in scan_tar(url, storage_options):
+            source = f"{url}#{key}"
+            image = next((e for e in members if e.rsplit(".", 1)[-1].lower() in IMAGE_EXTS), None)
+            label = _as_int_label(small.get("cls", b"").decode("ascii", "replace").strip())
+            if image is None:
+                rejected.append((source, "sample has no image member"))
+                continue
+            if label is None or label < 0:
+                rejected.append((source, "sample has no valid .cls label"))
+                continue
+            extra = None
+            if "json" in small:
+                try:
+                    meta = json.loads(small["json"])
+                    extra = meta.get("extra") if isinstance(meta, dict) else None
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    extra = None
+            m = members[image]
+            ext = image.rsplit(".", 1)[-1].lower()
+            items.append(Item(TarRef(url, m.offset_data, m.size, ext), source, label, extra))
+            max_label = max(max_label, label)
+    if classes is None:
+        classes = {str(i): i for i in range(max_label + 1)}
+    elif max_label >= len(classes):
+        raise SourceError(
+            f"tar labels go up to {max_label} but {first_dir}/{MANIFEST_NAME} lists {len(classes)} classes"
+        )
+    return Source(classes=classes, items=items, rejected=rejected)
+
+
+def select(
+    source: Source,
+    *,
+    classes: tuple[str, ...] | None,
+    fraction: float | None,
+    shuffle: bool,
+    seed: int,
+) -> Source:
+    """Apply --classes, --fraction and --shuffle; labels are renumbered 0..K-1."""
+    items = source.items
+    class_map = source.classes
+    if classes is not None:
+        unknown = [c for c in classes if c not in source.classes]
+        if unknown:
+            known = ", ".join(sorted(source.classes)[:20])
+            raise SourceError(f"--classes: unknown class {unknown[0]!r} (known: {known})")
+        kept = sorted(set(classes), key=lambda c: source.classes[c])
+        class_map = {c: i for i, c in enumerate(kept)}
+        renumber = {source.classes[c]: i for i, c in enumerate(kept)}
+        items = [it._replace(label=renumber[it.label]) for it in items if it.label in renumber]
+    if fraction is not None and fraction < 1.0:
+        by_label: dict[int, list[int]] = {}
+        for i, it in enumerate(items):
+            by_label.setdefault(it.label, []).append(i)
+        keep: list[int] = []
+        for label, idx in sorted(by_label.items()):
+            n = max(1, round(fraction * len(idx)))
+            # One generator per class: a class's subset does not depend on the others.
+            rng = np.random.default_rng([seed, label])
+            keep.extend(idx[j] for j in rng.choice(len(idx), size=n, replace=False))
+        items = [items[i] for i in sorted(keep)]
+    if shuffle:
+        order = np.random.default_rng(seed).permutation(len(items))
+        items = [items[i] for i in order]
+    return Source(classes=class_map, items=items, rejected=source.rejected)
+
+
+def describe(items: list[Item]) -> bytes:
+    """A compact fingerprint source of the listing (for resume checks)."""
+    buf = io.StringIO()
+    for it in items:
+        buf.write(f"{it.source}\t{it.label}\n")
+    return buf.getvalue().encode("utf-8", "surrogateescape")

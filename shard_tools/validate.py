@@ -1,0 +1,181 @@
+"""Per-sample work done in the worker processes: read, validate, maybe re-encode.
+
+Keep-or-convert policy (so every downstream decoder, DALI or PIL, gets 8-bit
+gray or RGB in a format it reads):
+
+- JPEG, PNG and WebP in mode L (gray) or RGB are kept byte for byte;
+- any other mode (CMYK/YCCK JPEG, palette, RGBA/LA, 16-bit, 1-bit) is
+  converted to RGB: JPEG sources are re-encoded as JPEG (``--quality``), all
+  others as lossless PNG. Alpha is dropped, not composited;
+- ``--resize-max-side`` (downscale only) or ``--format jpeg|webp`` re-encode
+  every image;
+- other formats PIL can read (GIF, BMP, TIFF, ...) are rejected as unsupported.
+
+The stored extension follows the stored bytes (``jpg``, ``png``, ``webp``),
+not the input file name, because readers pick decoders by extension. EXIF
+orientation is kept as metadata and not applied.
+
+Validation opens the header, refuses images above ``max_pixels`` before
+allocating them (decompression bombs), then decodes every pixel.
+``--no-validate`` skips only that full decode.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from shard_tools.sources import Item, TarRef
+from shard_tools.storage import options_for
+
+EXT_OF = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+KEEP_MODES = ("L", "RGB")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerOptions:
+    """What a worker needs to turn an Item into tar members (picklable)."""
+
+    class_names: tuple[str, ...]
+    validate: bool = True
+    max_pixels: int = 89_478_485
+    resize_max_side: int | None = None
+    quality: int = 95
+    image_format: str = "keep"
+    storage_options: dict[str, Any] | None = None
+
+
+class Rejected(Exception):
+    """This input cannot be packed; the message is the reason."""
+
+
+# (pos, label, members) for a packed sample, (pos, None, reason) for a rejected one.
+Result = tuple[int, int | None, Any]
+
+_TAR_HANDLES: dict[str, Any] = {}
+
+
+def init_worker() -> None:
+    """Process-wide PIL settings: we check pixel counts ourselves, never load truncated data."""
+    Image.MAX_IMAGE_PIXELS = None
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+def read_bytes(ref: str | TarRef, storage_options: dict[str, Any] | None) -> bytes:
+    """The raw bytes of one input (a file, a URL or a tar member)."""
+    try:
+        if isinstance(ref, TarRef):
+            f = _TAR_HANDLES.get(ref.url)
+            if f is None:
+                if len(_TAR_HANDLES) > 8:
+                    for old in _TAR_HANDLES.values():
+                        old.close()
+                    _TAR_HANDLES.clear()
+                f = fsspec.open(ref.url, "rb", **options_for(ref.url, storage_options)).open()
+                _TAR_HANDLES[ref.url] = f
+            f.seek(ref.offset)
+            data = f.read(ref.size)
+            if len(data) != ref.size:
+                raise Rejected(f"tar member truncated ({len(data)} of {ref.size} bytes)")
+            return data
+        if "://" not in ref:
+            with open(ref, "rb") as f:
+                return f.read()
+        with fsspec.open(ref, "rb", **options_for(ref, storage_options)) as f:
+            return f.read()
+    except PermissionError:
+        raise Rejected("unreadable: permission denied") from None
+    except FileNotFoundError:
+        raise Rejected("missing: file not found") from None
+    except IsADirectoryError:
+        raise Rejected("not a file") from None
+    except OSError as exc:
+        raise Rejected(f"unreadable: {exc.strerror or exc}") from None
+
+
+def _encode(img: Image.Image, fmt: str, quality: int) -> bytes:
+    out = io.BytesIO()
+    if fmt == "JPEG":
+        img.save(out, "JPEG", quality=quality)
+    elif fmt == "WEBP":
+        img.save(out, "WEBP", quality=quality, method=4)
+    else:
+        img.save(out, "PNG")
+    return out.getvalue()
+
+
+def image_member(data: bytes, opts: WorkerOptions) -> tuple[str, bytes, int, int]:
+    """Validate (and maybe convert) one image: (ext, bytes, width, height) or Rejected."""
+    if not data:
+        raise Rejected("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise Rejected("not an image (unrecognised format)") from None
+    except Exception as exc:  # PIL raises many types on hostile headers
+        raise Rejected(f"undecodable header: {type(exc).__name__}: {exc}") from None
+    fmt = img.format
+    if fmt not in EXT_OF:
+        raise Rejected(f"unsupported format {fmt} (packable: JPEG, PNG, WebP)")
+    width, height = img.size
+    if width * height > opts.max_pixels:
+        raise Rejected(
+            f"decompression bomb: {width}x{height} = {width * height} pixels > --max-pixels {opts.max_pixels}"
+        )
+    if not opts.validate:
+        return EXT_OF[fmt], data, width, height
+    try:
+        img.load()
+    except Exception as exc:
+        raise Rejected(f"undecodable: {type(exc).__name__}: {exc}") from None
+    convert = img.mode not in KEEP_MODES
+    resize = opts.resize_max_side is not None and max(width, height) > opts.resize_max_side
+    if not (convert or resize or opts.image_format != "keep"):
+        return EXT_OF[fmt], data, width, height
+    target = {"jpeg": "JPEG", "webp": "WEBP"}.get(opts.image_format)
+    if target is None:
+        target = fmt if not convert else ("JPEG" if fmt == "JPEG" else "PNG")
+    if convert or (target == "WEBP" and img.mode != "RGB"):
+        img = img.convert("RGB")
+    if resize:
+        scale = opts.resize_max_side / max(width, height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return EXT_OF[target], _encode(img, target, opts.quality), img.width, img.height
+
+
+def process(pos: int, item: Item, opts: WorkerOptions) -> Result:
+    """Turn one input into its tar members, or into a rejection reason."""
+    try:
+        data = read_bytes(item.ref, opts.storage_options)
+        ext, payload, width, height = image_member(data, opts)
+    except Rejected as exc:
+        return pos, None, str(exc)
+    meta: dict[str, Any] = {
+        "source": item.source,
+        "label": item.label,
+        "class": opts.class_names[item.label],
+        "width": width,
+        "height": height,
+    }
+    if item.extra:
+        meta["extra"] = item.extra
+    text = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    members = [
+        (ext, payload),
+        ("cls", str(item.label).encode("ascii")),
+        ("json", text.encode("utf-8")),
+    ]
+    return pos, item.label, members
+
+
+def process_batch(start: int, items: list[Item], opts: WorkerOptions) -> list[Result]:
+    """Process consecutive items START, START+1, ... (one task per batch keeps IPC cheap)."""
+    return [process(start + i, item, opts) for i, item in enumerate(items)]

@@ -1,0 +1,33 @@
+"""Pack round trip on a small synthetic folder: layout, manifest, webdataset read-back."""
+
+from __future__ import annotations
+
+import json
+
+import webdataset as wds
+
+from shard_tools.config import PackConfig
+from shard_tools.manifest import MANIFEST_NAME, read_manifest
+from shard_tools.pack import pack
+from shard_tools.synth import make_image_folder
+
+
+def test_pack_folder_round_trip(tmp_path):
+    src = make_image_folder(tmp_path / "src", num_classes=3, per_class=7, size=16)
+    dest = tmp_path / "out"
+    result = pack(PackConfig(src=str(src), dest=str(dest), max_count=8, workers=1), progress=False)
+    m = read_manifest(str(dest))
+    assert result.manifest == m
+    assert m.samples == 21 and len(m.shards) == 3 and m.shard_sizes == [8, 8, 5]
+    assert m.classes == {"class00": 0, "class01": 1, "class02": 2}
+    assert m.class_counts == {"class00": 7, "class01": 7, "class02": 7}
+    assert (dest / MANIFEST_NAME).exists() and not (dest / ".journal").exists()
+    files = sorted((src).rglob("*.jpg"))
+    urls = [str(dest / s.name) for s in m.shards]
+    seen = []
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        meta = json.loads(sample["json"])
+        assert sample["jpg"] == (src / meta["source"]).read_bytes()
+        assert int(sample["cls"]) == m.classes[meta["class"]] == meta["label"]
+        seen.append(meta["source"])
+    assert seen == [str(f.relative_to(src)) for f in files]

@@ -215,6 +215,12 @@ def check_member(tar_url: str, member: tarfile.TarInfo) -> None:
         raise SourceError(f"{tar_url}: member {name!r} is not a regular file; refusing this tar")
 
 
+def _open_stream(url: str, opts: dict[str, Any]):
+    # Large blocks: the scan reads each tar front to back once.
+    fs, path = fsspec.core.url_to_fs(url, **opts)
+    return fs.open(path, "rb", block_size=16 * 2**20)
+
+
 def scan_tar(url: str, storage_options: dict[str, Any] | None):
     """Yield (key, {ext: TarInfo}, {ext: small member bytes}) per sample of one tar.
 
@@ -223,7 +229,7 @@ def scan_tar(url: str, storage_options: dict[str, Any] | None):
     opts = options_for(url, storage_options)
     try:
         with (
-            fsspec.open(url, "rb", block_size=16 * 2**20, **opts) as f,
+            _open_stream(url, opts) as f,
             tarfile.open(fileobj=f, mode="r|") as tf,
         ):
             key, members, small = None, {}, {}

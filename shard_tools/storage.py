@@ -98,6 +98,7 @@ class Destination:
                 yield f
             except BaseException:
                 f.discard()  # abort the multipart upload: nothing becomes visible
+                f.closed = True  # so that garbage collection does not try to finish it
                 raise
             f.close()  # the PUT, or the multipart Complete: the object appears now
             return

@@ -1,0 +1,128 @@
+"""``shard inspect``: what a dataset holds, from its manifest and its samples' metadata.
+
+Totals, classes and shards come from ``manifest.json``; the image size
+distribution comes from the ``.json`` member of every sample (the shards are
+streamed and only those small members are read; ``scan=False`` skips it).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Any
+
+from shard_tools.index import scan_samples
+from shard_tools.manifest import read_manifest
+from shard_tools.storage import Destination, options_for
+
+SIDE_BUCKETS = (64, 128, 256, 512, 1024)
+
+
+def _bucket(side: int) -> str:
+    for limit in SIDE_BUCKETS:
+        if side <= limit:
+            return f"<={limit}"
+    return f">{SIDE_BUCKETS[-1]}"
+
+
+def _stats(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def image_sizes(dest: Destination, shard_names: list[str]) -> dict[str, Any]:
+    """Width/height statistics and longer-side buckets from the samples' .json members."""
+    widths, heights = [], []
+    buckets = {_bucket(b): 0 for b in (*SIDE_BUCKETS, SIDE_BUCKETS[-1] + 1)}
+    for name in shard_names:
+        with dest.open_read(name) as f:
+            for _, members in scan_samples(f, read=lambda ext: ext == "json"):
+                for ext, _, _, _, data in members:
+                    if ext != "json" or data is None:
+                        continue
+                    meta = json.loads(data)
+                    w, h = meta.get("width"), meta.get("height")
+                    if isinstance(w, int) and isinstance(h, int):
+                        widths.append(w)
+                        heights.append(h)
+                        buckets[_bucket(max(w, h))] += 1
+    return {
+        "images": len(widths),
+        "width": _stats(widths),
+        "height": _stats(heights),
+        "max_side": buckets,
+    }
+
+
+def inspect_dataset(
+    dest_url: str, *, scan: bool = True, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A JSON-able description of the dataset at DEST_URL."""
+    m = read_manifest(dest_url, options_for(dest_url, storage_options))
+    info: dict[str, Any] = {
+        "dest": dest_url,
+        "format_version": m.format_version,
+        "tool_version": m.tool_version,
+        "samples": m.samples,
+        "bytes": m.bytes,
+        "rejected": m.rejected,
+        "num_classes": m.num_classes,
+        "classes": [
+            {"name": name, "label": label, "samples": m.class_counts.get(name, 0)}
+            for name, label in sorted(m.classes.items(), key=lambda kv: kv[1])
+        ],
+        "shards": [
+            {"name": s.name, "samples": s.samples, "bytes": s.bytes, "index": s.index}
+            for s in m.shards
+        ],
+        "options": m.options,
+    }
+    if scan:
+        dest = Destination(dest_url, storage_options)
+        info["image_sizes"] = image_sizes(dest, [s.name for s in m.shards])
+    return info
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    return "\n".join(fmt.format(*map(str, r)) for r in [header, *rows])
+
+
+def render(info: dict[str, Any]) -> str:
+    """Human-readable tables for ``inspect_dataset``'s result."""
+    n = max(info["samples"], 1)
+    out = [
+        f"dataset {info['dest']} (format v{info['format_version']}, shard_tools {info['tool_version']})",
+        f"{info['samples']:,} samples in {len(info['shards'])} shards, {info['bytes'] / 1e6:,.1f} MB, "
+        f"{info['num_classes']} classes, {info['rejected']:,} inputs rejected",
+        "",
+        _table(
+            [
+                [c["name"], c["label"], f"{c['samples']:,}", f"{100 * c['samples'] / n:.1f}%"]
+                for c in info["classes"]
+            ],
+            ["class", "label", "samples", "share"],
+        ),
+        "",
+        _table(
+            [
+                [s["name"], f"{s['samples']:,}", f"{s['bytes'] / 1e6:,.1f}", s["index"] or "-"]
+                for s in info["shards"]
+            ],
+            ["shard", "samples", "MB", "index"],
+        ),
+    ]
+    sizes = info.get("image_sizes")
+    if sizes and sizes["images"]:
+        w, h = sizes["width"], sizes["height"]
+        out += [
+            "",
+            f"image width  min/median/max: {w['min']} / {w['median']:g} / {w['max']} px",
+            f"image height min/median/max: {h['min']} / {h['median']:g} / {h['max']} px",
+            _table(
+                [[k, f"{v:,}"] for k, v in sizes["max_side"].items()], ["longer side", "images"]
+            ),
+        ]
+    return "\n".join(out)

@@ -1,0 +1,138 @@
+"""``shard verify``: re-read every shard and check it against the manifest.
+
+Each shard is streamed once: its bytes are hashed while ``tarfile`` walks its
+members, so one pass checks the size, the sha256, the sample count and the
+``.idx`` file (rebuilt from the real offsets and compared byte for byte);
+``--decode`` also fully decodes every image member with PIL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from shard_tools.index import index_line, scan_samples
+from shard_tools.manifest import ShardInfo, read_manifest
+from shard_tools.storage import Destination, options_for
+from shard_tools.tarwrite import index_text
+
+IMAGE_EXTS = {"jpg", "jpeg", "png", "webp"}
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only stream that hashes and counts what passes through it."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.sha.update(data)
+        self.count += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(8 * 2**20):
+            pass
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found: problems name the shard (and sample) at fault."""
+
+    dest: str
+    shards: int = 0
+    samples: int = 0
+    bytes: int = 0
+    decoded: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+    def summary_line(self) -> str:
+        state = "OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)"
+        decoded = f", {self.decoded:,} images decoded" if self.decoded else ""
+        return (
+            f"verify {self.dest}: {state}; {self.shards} shards, {self.samples:,} samples, "
+            f"{self.bytes / 1e6:,.1f} MB checked{decoded}"
+        )
+
+
+def _decode_problem(data: bytes) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _check_shard(dest: Destination, shard: ShardInfo, decode: bool, report: VerifyReport) -> None:
+    name = shard.name
+    if not dest.exists(name):
+        report.problems.append(f"{name}: missing")
+        return
+    size = dest.size(name)
+    if size != shard.bytes:
+        report.problems.append(f"{name}: size {size} bytes, manifest says {shard.bytes}")
+    lines, samples = [], 0
+    with dest.open_read(name) as f:
+        reader = _HashingReader(f)
+        try:
+            for key, members in scan_samples(reader, read=lambda ext: decode and ext in IMAGE_EXTS):
+                samples += 1
+                lines.append(index_line(members))
+                for _ext, _, _, member, data in members:
+                    if data is None:
+                        continue
+                    report.decoded += 1
+                    problem = _decode_problem(data)
+                    if problem:
+                        report.problems.append(
+                            f"{name}: sample {key} ({member}) does not decode: {problem}"
+                        )
+        except (tarfile.TarError, OSError) as exc:
+            report.problems.append(f"{name}: unreadable tar: {exc}")
+        reader.drain()
+    if reader.sha.hexdigest() != shard.sha256:
+        report.problems.append(f"{name}: sha256 mismatch (content changed or corrupt)")
+    if samples != shard.samples:
+        report.problems.append(f"{name}: {samples} samples, manifest says {shard.samples}")
+    if shard.index:
+        try:
+            idx = dest.read_bytes(shard.index).decode("utf-8", "replace")
+        except FileNotFoundError:
+            report.problems.append(f"{shard.index}: missing (index of {name})")
+        else:
+            if idx != index_text(lines):
+                report.problems.append(f"{shard.index}: does not match the offsets in {name}")
+    report.shards += 1
+    report.samples += samples
+    report.bytes += reader.count
+
+
+def verify(
+    dest_url: str, *, decode: bool = False, storage_options: dict[str, Any] | None = None
+) -> VerifyReport:
+    """Check every shard of the dataset at DEST_URL; raises ManifestError if it has no valid manifest."""
+    manifest = read_manifest(dest_url, options_for(dest_url, storage_options))
+    dest = Destination(dest_url, storage_options)
+    report = VerifyReport(dest=dest_url)
+    for shard in manifest.shards:
+        _check_shard(dest, shard, decode, report)
+    return report

@@ -1,0 +1,57 @@
+"""The trainer's side of the data: DataConfig -> pipeline loaders, class counts."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline import LoaderConfig, World, build_loader
+from shard_tools.manifest import read_manifest
+from train.config import DataConfig
+
+
+def dataset_num_classes(url: str) -> int:
+    """Class count recorded in the dataset's manifest (ManifestError if it has none)."""
+    return read_manifest(url).num_classes
+
+
+def loader_config(
+    dcfg: DataConfig,
+    *,
+    url: str,
+    train: bool,
+    per_rank_batch: int,
+    image_size: int,
+    seed: int,
+    device: torch.device,
+    num_classes: int,
+) -> LoaderConfig:
+    """Map the trainer's data flags onto the pipeline's LoaderConfig."""
+    recipe = dcfg.recipe
+    if recipe == "auto":
+        # Small images (CIFAR-like) are padded and randomly cropped; large ones get
+        # the random-resized-crop recipe.
+        recipe = "small" if image_size <= 64 else "imagenet"
+    return LoaderConfig(
+        data=url or None,
+        backend=dcfg.backend,
+        batch_size=per_rank_batch,
+        train=train,
+        image_size=image_size,
+        seed=seed,
+        # pad: no sample is lost; evaluation removes the repeats by key.
+        remainder="pad",
+        shuffle_buffer=dcfg.shuffle_buffer,
+        recipe=recipe,
+        hflip=dcfg.hflip,
+        device=str(device),
+        num_workers=dcfg.num_workers,
+        num_threads=max(1, dcfg.num_workers),
+        cache=dcfg.cache,
+        num_classes=num_classes,
+        synthetic_samples=dcfg.synthetic_samples,
+    )
+
+
+def make_loader(lcfg: LoaderConfig, world: World):
+    """build_loader with the trainer's world (global rank, world size, local rank)."""
+    return build_loader(lcfg, world)

@@ -33,7 +33,8 @@ class LoaderConfig:
     ``contrast`` / ``saturation`` (factor uniform in [1-x, 1+x]), ``mean``/``std``
     in [0, 1] pixel units. Eval resizes the shorter side to ``eval_resize``
     (default ``image_size / 0.875``) and centre-crops ``image_size``. The
-    ``small`` recipe (CIFAR) is pad-by-``pad_px`` + random crop + flip.
+    ``small`` recipe (CIFAR) is resize to ``image_size`` + pad-by-``pad_px`` +
+    random crop + flip; its eval is the resize alone.
     """
 
     data: str | None = None  # dataset root written by `shard pack` (path or fsspec URL)

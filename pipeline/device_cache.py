@@ -1,0 +1,166 @@
+"""Small-image mode: decode the dataset once into a uint8 tensor on the device.
+
+For CIFAR-scale data a GPU trains faster than any JPEG decoder feeds it, so
+the images are decoded once (resized to ``image_size``) into an NHWC uint8
+tensor on the training device, and every batch is an index + batched tensor
+augmentation there: pad-and-random-crop, rotation/translation, colour jitter,
+flips, normalise. Works on the CPU too.
+
+Interaction with the plan: the cache holds the WHOLE dataset on every rank
+(CIFAR-10: 50,000 x 32 x 32 x 3 = 150 MB), not just the rank's share, so the
+batches follow exactly the same plan as the streaming backends (same keys in
+the same order on every rank, resume and elastic resume unchanged), only
+without reading or decoding after the first epoch. ``cache_max_gb`` bounds it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.batch import Batch
+from pipeline.reader import CorruptDataError, to_sample
+from pipeline.torch_backend import Normalizer
+
+
+class DeviceCacheBackend:
+    """Batches gathered from a device-resident uint8 cache, augmented with tensor ops."""
+
+    def __init__(self, cfg, world, device: torch.device, dataset) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.dataset = dataset
+        self.normalize = Normalizer(cfg, device)
+        sizes = dataset.manifest.shard_sizes
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        need = self.offsets[-1] * cfg.image_size**2 * 3
+        if need > cfg.cache_max_gb * 2**30:
+            raise ValueError(
+                f"cache='device' needs {need / 2**30:.1f} GiB for {self.offsets[-1]} images at "
+                f"{cfg.image_size} px, over cache_max_gb={cfg.cache_max_gb}; stream it instead"
+            )
+        self.images: torch.Tensor | None = None
+
+    def _fill(self) -> None:
+        """Read and decode every shard once."""
+        from torchvision.io import ImageReadMode, decode_image
+        from torchvision.transforms.v2.functional import resize
+
+        size = self.cfg.image_size
+        n = int(self.offsets[-1])
+        images = torch.zeros((n, size, size, 3), dtype=torch.uint8)
+        labels = np.zeros(n, dtype=np.int64)
+        valid = np.zeros(n, dtype=bool)
+        keys: list[str] = [""] * n
+        problems: dict[int, str] = {}
+        for shard, count in enumerate(self.dataset.manifest.shard_sizes):
+            raws = self.dataset.read_samples(shard, np.arange(count))
+            for i, raw in enumerate(raws):
+                row = int(self.offsets[shard]) + i
+                s = to_sample(raw)
+                keys[row], labels[row] = s.key, s.label
+                if s.problem is not None:
+                    problems[row] = s.problem
+                    continue
+                try:
+                    buf = torch.frombuffer(bytearray(s.image), dtype=torch.uint8)
+                    with warnings.catch_warnings():  # see torch_backend.decode_batch
+                        warnings.filterwarnings("ignore", category=DeprecationWarning)
+                        img = decode_image(buf, ImageReadMode.RGB)
+                except RuntimeError as exc:
+                    problems[row] = f"decode failed: {exc}"
+                    continue
+                if img.shape[1:] != (size, size):
+                    img = resize(img, [size, size], antialias=True)
+                images[row] = img.permute(1, 2, 0)
+                valid[row] = True
+        self.images = images.to(self.device)
+        self.labels = torch.from_numpy(labels).to(self.device)
+        self.valid = valid
+        self.keys = keys
+        self.problems = problems
+
+    def batches(self, job) -> Iterator[Batch]:
+        if self.images is None:
+            self._fill()
+        for step in range(job.start, job.plan.steps):
+            shard, index, _ = job.refs(step)
+            rows = self.offsets[shard] + index
+            ok = self.valid[rows]
+            skipped = tuple(self.keys[r] for r in rows[~ok].tolist())
+            if not ok.all():
+                if not ok.any():
+                    raise CorruptDataError(f"every image of step {step} is corrupt: {skipped}")
+                rows = np.where(ok, rows, rows[np.argmax(ok)])
+            idx = torch.from_numpy(rows).to(self.device)
+            gen = torch.Generator(device=self.device).manual_seed(job.seed_for(step))
+            images_nhwc = self.images.index_select(0, idx)
+            x = self.normalize(augment(images_nhwc.permute(0, 3, 1, 2), self.cfg, gen))
+            yield Batch(
+                x, self.labels.index_select(0, idx), [self.keys[r] for r in rows.tolist()], skipped
+            )
+
+    def close(self) -> None:
+        self.images = None
+
+
+def _uniform(n: int, lo: float, hi: float, gen, device) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
+
+
+def augment(x: torch.Tensor, cfg, gen: torch.Generator) -> torch.Tensor:
+    """Batched train augmentation of uint8 NCHW (any memory format) on its device."""
+    if not cfg.train:
+        return x
+    n, _, size, _ = x.shape
+    dev = x.device
+    if cfg.pad_px:
+        p = cfg.pad_px
+        padded = F.pad(x, (p, p, p, p))
+        oy = torch.randint(0, 2 * p + 1, (n,), generator=gen, device=dev)
+        ox = torch.randint(0, 2 * p + 1, (n,), generator=gen, device=dev)
+        ar = torch.arange(size, device=dev)
+        ys = (oy[:, None] + ar)[:, None, :, None]  # N,1,S,1
+        xs = (ox[:, None] + ar)[:, None, None, :]  # N,1,1,S
+        nn = torch.arange(n, device=dev)[:, None, None, None]
+        cc = torch.arange(3, device=dev)[None, :, None, None]
+        x = padded[nn, cc, ys, xs]
+    if cfg.rotate_deg or cfg.translate or cfg.brightness or cfg.contrast or cfg.saturation:
+        x = _float_ops(x.float(), cfg, gen).round_().clamp_(0, 255).to(torch.uint8)
+    if cfg.hflip:
+        flip = torch.rand(n, generator=gen, device=dev) < cfg.hflip
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if cfg.vflip:
+        flip = torch.rand(n, generator=gen, device=dev) < cfg.vflip
+        x = torch.where(flip[:, None, None, None], x.flip(2), x)
+    return x
+
+
+def _float_ops(x: torch.Tensor, cfg, gen) -> torch.Tensor:
+    n, dev = x.shape[0], x.device
+    if cfg.rotate_deg or cfg.translate:
+        angle = _uniform(n, -cfg.rotate_deg, cfg.rotate_deg, gen, dev) * (math.pi / 180)
+        shift = _uniform(2 * n, -cfg.translate, cfg.translate, gen, dev).view(n, 2) * 2
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack(
+            [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+        )
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if cfg.brightness:
+        x = x * _uniform(n, 1 - cfg.brightness, 1 + cfg.brightness, gen, dev)[:, None, None, None]
+    gray_w = torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)
+    if cfg.contrast:
+        f = _uniform(n, 1 - cfg.contrast, 1 + cfg.contrast, gen, dev)[:, None, None, None]
+        mean = (x * gray_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+        x = (x - mean) * f + mean
+    if cfg.saturation:
+        f = _uniform(n, 1 - cfg.saturation, 1 + cfg.saturation, gen, dev)[:, None, None, None]
+        gray = (x * gray_w).sum(1, keepdim=True)
+        x = (x - gray) * f + gray
+    return x.clamp(0, 255)

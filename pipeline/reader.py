@@ -1,0 +1,174 @@
+"""From a rank's plan to batches of encoded samples, in the planned order.
+
+The reader fetches the rank's pending inputs in input order (whole shards or
+sub-ranges, in background threads, ``read_ahead`` read units ahead) and hands
+them out in the shuffled output order; by construction of the shuffle-buffer
+plan it never holds more than about ``shuffle_buffer`` samples. Every image's
+bytes are checked (:mod:`pipeline.sanity`); a corrupt sample is replaced by the
+first valid sample of its batch, so shapes and step counts never change, and
+its key is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.sanity import IMAGE_EXTS, check_image
+from pipeline.tario import RawSample
+
+log = logging.getLogger("pipeline")
+
+
+class CorruptDataError(RuntimeError):
+    """No valid image to stand in for a corrupt one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """A sample ready for a decoder: its image bytes, label and any problem found."""
+
+    key: str
+    image: bytes
+    label: int
+    problem: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodedBatch:
+    """One step's samples, corrupt ones already replaced."""
+
+    step: int
+    keys: list[str]
+    images: list[bytes]
+    labels: np.ndarray  # int64 [B]
+    skipped: tuple[str, ...]
+
+
+def to_sample(raw: RawSample) -> Sample:
+    """Pick the image member and parse the ASCII label; record what is wrong, if anything."""
+    exts = {e.lower(): e for e in raw.members}
+    image = next((raw.members[exts[e]] for e in IMAGE_EXTS if e in exts), None)
+    problem = None
+    label = -1
+    if "cls" in exts:
+        try:
+            label = int(raw.members[exts["cls"]].strip())
+        except ValueError:
+            problem = "label (.cls) is not an integer"
+    else:
+        problem = "sample has no .cls label"
+    if image is None:
+        return Sample(raw.key, b"", label, "sample has no jpg/png/webp image")
+    return Sample(raw.key, image, label, problem or check_image(image))
+
+
+def _units(shard: np.ndarray, positions: np.ndarray, max_samples: np.ndarray):
+    """Split the input run into read units: consecutive inputs of one shard, bounded in size."""
+    if len(shard) == 0:
+        return
+    brk = np.flatnonzero(np.diff(shard) != 0) + 1
+    for a, b in zip(np.concatenate([[0], brk]), np.concatenate([brk, [len(shard)]]), strict=True):
+        step = int(max_samples[shard[a]])
+        for lo in range(int(a), int(b), step):
+            yield int(shard[a]), positions[lo : min(lo + step, int(b))]
+
+
+class InputReader:
+    """Reads input positions POSITIONS (sorted) of a RankOrder; yields (position, Sample)."""
+
+    def __init__(self, dataset, ranks_order, positions: np.ndarray, read_ahead: int) -> None:
+        self.dataset = dataset
+        self.ro = ranks_order
+        self.positions = positions
+        self.read_ahead = read_ahead
+        shards = dataset.manifest.shards
+        avg = np.array([max(1, s.bytes // max(1, s.samples)) for s in shards], dtype=np.int64)
+        self.max_samples = np.maximum(1, dataset.max_read_bytes // avg)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _read_unit(self, shard: int, pos: np.ndarray) -> list[tuple[int, Sample]]:
+        idx = self.ro.index[pos]
+        order = np.argsort(idx, kind="stable")  # reads want ascending offsets
+        raws = self.dataset.read_samples(shard, idx[order])
+        out: list[tuple[int, Sample] | None] = [None] * len(pos)
+        for o, raw in zip(order.tolist(), raws, strict=True):
+            out[o] = (int(pos[o]), to_sample(raw))
+        return out  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[tuple[int, Sample]]:
+        units = _units(self.ro.shard[self.positions], self.positions, self.max_samples)
+        if self.read_ahead == 0:
+            for shard, pos in units:
+                yield from self._read_unit(shard, pos)
+            return
+        self._pool = ThreadPoolExecutor(self.read_ahead, thread_name_prefix="shard-read")
+        pending: deque[Future] = deque()
+        try:
+            for unit in units:
+                pending.append(self._pool.submit(self._read_unit, *unit))
+                if len(pending) > self.read_ahead:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def encoded_batches(job) -> Iterator[EncodedBatch]:
+    """Batches of steps ``job.start..`` of the job's plan, in the planned order."""
+    plan = job.plan
+    ro = plan.ranks_order
+    b = plan.batch_size
+    pending = ro.pending(job.start * b)
+    reader = iter(InputReader(job.dataset, ro, pending, job.cfg.read_ahead))
+    held: dict[int, Sample] = {}
+    names = job.dataset.shard_names
+    last_valid: Sample | None = None
+    try:
+        for step in range(job.start, plan.steps):
+            samples = []
+            for inp in ro.order[step * b : (step + 1) * b].tolist():
+                while inp not in held:
+                    pos, sample = next(reader)
+                    held[pos] = sample
+                samples.append((inp, held.pop(inp)))
+            batch, last_valid = _make_batch(step, samples, last_valid, ro, names)
+            yield batch
+    finally:
+        reader.close()
+
+
+def _make_batch(step, samples, last_valid, ro, names) -> tuple[EncodedBatch, Sample | None]:
+    valid = [s for _, s in samples if s.problem is None]
+    stand_in = valid[0] if valid else last_valid
+    skipped = []
+    out = []
+    for inp, s in samples:
+        if s.problem is None:
+            out.append(s)
+            continue
+        where = f"{names[int(ro.shard[inp])]}#{int(ro.index[inp])}"
+        log.warning("skipping corrupt sample %s (%s): %s", s.key, where, s.problem)
+        skipped.append(s.key)
+        if stand_in is None:
+            raise CorruptDataError(
+                f"sample {s.key} ({where}) is corrupt ({s.problem}) and no valid sample has been "
+                "read yet to stand in for it"
+            )
+        out.append(stand_in)
+    batch = EncodedBatch(
+        step=step,
+        keys=[s.key for s in out],
+        images=[s.image for s in out],
+        labels=np.array([s.label for s in out], dtype=np.int64),
+        skipped=tuple(skipped),
+    )
+    return batch, (valid[-1] if valid else last_valid)

@@ -1,0 +1,95 @@
+"""Cheap checks on encoded image bytes, run before any decoder sees them.
+
+A DALI pipeline cannot skip one bad sample once a batch is inside it, and a
+PIL error in a worker kills a plain DataLoader epoch. So every sample's bytes
+are checked here first (microseconds, no pixel decode): the container's magic
+number, the structure up to the pixel data, and the end marker. What passes is
+well-formed enough for every decoder we use; what fails is replaced by a valid
+sample of the same batch and reported by key.
+"""
+
+from __future__ import annotations
+
+import struct
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
+
+
+def _check_jpeg(data: bytes) -> str | None:
+    n = len(data)
+    # EOI within the last bytes: a truncated file almost never ends in FFD9 by chance.
+    if data.rfind(b"\xff\xd9", max(0, n - 64)) < 0:
+        return "JPEG has no end-of-image marker (truncated?)"
+    pos = 2
+    seen_sof = False
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return f"JPEG marker expected at byte {pos}"
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if length < 2 or pos + 2 + length > n:
+            return f"JPEG segment 0x{marker:02X} at byte {pos} overruns the file"
+        if marker in _JPEG_SOF:
+            if length < 8:
+                return "JPEG frame header too short"
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+            if height == 0 or width == 0:
+                return f"JPEG frame has zero size ({width}x{height})"
+            seen_sof = True
+        elif marker == 0xDA:  # start of scan: entropy-coded data follows
+            if not seen_sof:
+                return "JPEG scan before any frame header"
+            if pos + 2 + length >= n - 2:
+                return "JPEG has no scan data"
+            return None
+        elif marker == 0xD9:
+            return "JPEG ends before its first scan"
+        pos += 2 + length
+    return "JPEG ends inside its headers"
+
+
+def _check_png(data: bytes) -> str | None:
+    if len(data) < 8 + 25 + 12:
+        return "PNG too short"
+    length, ctype = struct.unpack_from(">I4s", data, 8)
+    if ctype != b"IHDR" or length != 13:
+        return "PNG does not start with an IHDR chunk"
+    width, height = struct.unpack_from(">II", data, 16)
+    if width == 0 or height == 0:
+        return f"PNG has zero size ({width}x{height})"
+    if data.rfind(b"IEND", len(data) - 16) < 0:
+        return "PNG has no IEND chunk (truncated?)"
+    return None
+
+
+def _check_webp(data: bytes) -> str | None:
+    if len(data) < 20 or data[8:12] != b"WEBP":
+        return "RIFF file is not WebP"
+    (riff_size,) = struct.unpack_from("<I", data, 4)
+    if riff_size + 8 > len(data):
+        return f"WebP declares {riff_size + 8} bytes but has {len(data)} (truncated?)"
+    if data[12:16] not in (b"VP8 ", b"VP8L", b"VP8X"):
+        return "WebP has an unknown first chunk"
+    return None
+
+
+def check_image(data: bytes | bytearray | memoryview) -> str | None:
+    """None if DATA looks like a complete JPEG/PNG/WebP, else the reason it does not."""
+    data = bytes(data) if isinstance(data, memoryview) else data
+    if len(data) < 4:
+        return f"image has only {len(data)} bytes"
+    if data[:3] == b"\xff\xd8\xff":
+        return _check_jpeg(data)
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return _check_png(data)
+    if data[:4] == b"RIFF":
+        return _check_webp(data)
+    return "not a JPEG, PNG or WebP image (unknown magic number)"

@@ -1,0 +1,161 @@
+"""Reading shards through fsspec (local disk, S3, GCS, ...): few large reads, retried.
+
+Object stores are fast for large sequential GETs and slow per request, so a
+rank reads each shard (or the contiguous part of it that it owns) in as few
+ranged requests as possible, at most ``max_read_mb`` each. Sub-ranges and
+resume leftovers are located with the shard's ``.idx``; shards without one are
+read whole. Every read is retried with exponential backoff; the final error
+names the shard and the cause, never the credentials (those come from
+``storage_options`` or the standard AWS variables and are not printed).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from pipeline.tario import (
+    RawSample,
+    ShardIndex,
+    TarFormatError,
+    parse_index,
+    slice_samples,
+    tar_samples,
+)
+from shard_tools.manifest import Manifest, read_manifest
+
+log = logging.getLogger("pipeline")
+
+MERGE_GAP_BYTES = 1 << 20  # read through gaps up to this size rather than issue another request
+
+
+class ShardReadError(RuntimeError):
+    """A shard (or its index) could not be read after all retries."""
+
+
+def redact(url: str) -> str:
+    """URL without any user:password part."""
+    return re.sub(r"(//)[^/@]*@", r"\1", url)
+
+
+@dataclass(kw_only=True)
+class Dataset:
+    """A packed dataset: its manifest, and retried reads of its shards."""
+
+    root: str
+    manifest: Manifest
+    fs: Any
+    base: str
+    retries: int = 3
+    retry_backoff_s: float = 0.5
+    max_read_bytes: int = 64 << 20
+    _indexes: dict[int, ShardIndex | None] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def open(cls, cfg) -> Dataset:
+        """Open CFG.data: read and validate its manifest."""
+        options = dict(cfg.storage_options or {})
+        manifest = read_manifest(cfg.data, options)
+        fs, base = fsspec.core.url_to_fs(cfg.data, **options)
+        return cls(
+            root=cfg.data,
+            manifest=manifest,
+            fs=fs,
+            base=base.rstrip("/"),
+            retries=cfg.retries,
+            retry_backoff_s=cfg.retry_backoff_s,
+            max_read_bytes=cfg.max_read_mb << 20,
+        )
+
+    @property
+    def shard_names(self) -> list[str]:
+        return [s.name for s in self.manifest.shards]
+
+    def _path(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def _retry(self, what: str, fn):
+        attempts = self.retries + 1
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except (OSError, TarFormatError, ValueError, RuntimeError, TimeoutError) as exc:
+                cause = f"{type(exc).__name__}: {exc}"
+                if attempt + 1 == attempts:
+                    raise ShardReadError(
+                        f"cannot read {what} of dataset {redact(self.root)} after {attempts} "
+                        f"attempt(s): {cause}"
+                    ) from None
+                wait = self.retry_backoff_s * (2**attempt)
+                log.warning("reading %s failed (%s); retrying in %.1f s", what, cause, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def index(self, shard: int) -> ShardIndex | None:
+        """The parsed .idx of SHARD (cached), or None if the manifest lists none."""
+        with self._lock:
+            if shard in self._indexes:
+                return self._indexes[shard]
+        info = self.manifest.shards[shard]
+        idx = None
+        if info.index:
+
+            def load() -> ShardIndex:
+                text = self.fs.cat_file(self._path(info.index)).decode("utf-8")
+                parsed = parse_index(text, source=info.index)
+                if len(parsed) != info.samples:
+                    raise TarFormatError(
+                        f"{info.index} lists {len(parsed)} samples, the manifest {info.samples}"
+                    )
+                return parsed
+
+            idx = self._retry(f"index {info.index}", load)
+        with self._lock:
+            self._indexes[shard] = idx
+        return idx
+
+    def _read(self, name: str, start: int | None = None, stop: int | None = None) -> bytes:
+        data = self.fs.cat_file(self._path(name), start=start, end=stop)
+        if start is not None and stop is not None and len(data) != stop - start:
+            raise TarFormatError(
+                f"short read: bytes {start}..{stop} gave {len(data)} bytes (truncated shard?)"
+            )
+        return data
+
+    def read_samples(self, shard: int, indices: np.ndarray) -> list[RawSample]:
+        """Samples INDICES (sorted) of SHARD, in that order, in as few reads as possible."""
+        info = self.manifest.shards[shard]
+        idx = self.index(shard)
+        if idx is None:
+
+            def whole() -> list[RawSample]:
+                samples = tar_samples(self._read(info.name))
+                if len(samples) != info.samples:
+                    raise TarFormatError(
+                        f"holds {len(samples)} samples, the manifest says {info.samples}"
+                    )
+                return samples
+
+            everything = self._retry(f"shard {info.name}", whole)
+            return [everything[i] for i in indices.tolist()]
+        out: list[RawSample] = []
+        for start, stop, ids in idx.ranges(indices, MERGE_GAP_BYTES, self.max_read_bytes):
+
+            def part(start=start, stop=stop, ids=ids) -> list[RawSample]:
+                return slice_samples(self._read(info.name, start, stop), start, idx, ids)
+
+            out.extend(self._retry(f"shard {info.name} (bytes {start}..{stop})", part))
+        return out
+
+    def read_bytes(self, shard: int) -> bytes:
+        """The whole shard file (benchmarks measure raw read speed with it)."""
+        info = self.manifest.shards[shard]
+        return self._retry(f"shard {info.name}", lambda: self._read(info.name))

@@ -1,0 +1,180 @@
+"""Webdataset tar parsing: a whole shard's bytes, or byte ranges located by the .idx.
+
+A sample is the run of tar members sharing a key, webdataset-style: the key is
+the member name up to the first dot of its base name, the rest is the
+extension (``n01440764_10026.jpg`` -> key ``n01440764_10026``, ext ``jpg``).
+The DALI index (format v1.2) lists per sample each member's extension, data
+offset, size and name, so a byte range of consecutive samples can be sliced
+without parsing tar headers at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 512
+
+
+class TarFormatError(ValueError):
+    """Bytes that are not a well-formed (or complete) tar / index."""
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """'dir/abc.seg.jpg' -> ('dir/abc', 'seg.jpg')."""
+    dot = name.find(".", name.rfind("/") + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1 :]
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """One sample's members as read: key and {extension: bytes}."""
+
+    key: str
+    members: dict[str, bytes]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardIndex:
+    """The parsed .idx: per sample its member list and its byte span in the tar."""
+
+    members: tuple[tuple[tuple[str, int, int, str], ...], ...]  # (ext, offset, size, name)
+    begin: np.ndarray  # int64 [n]: first data byte of the sample (after its header)
+    end: np.ndarray  # int64 [n]: one past the last data byte
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def ranges(
+        self, indices: np.ndarray, merge_gap: int, max_bytes: int
+    ) -> list[tuple[int, int, np.ndarray]]:
+        """Group sorted sample INDICES into byte ranges (start, stop, indices): runs whose
+        gaps are at most MERGE_GAP bytes are read together, up to MAX_BYTES per range."""
+        out: list[tuple[int, int, np.ndarray]] = []
+        if len(indices) == 0:
+            return out
+        b = self.begin[indices]
+        e = self.end[indices]
+        first = 0
+        for i in range(1, len(indices) + 1):
+            if i == len(indices) or b[i] - e[i - 1] > merge_gap or e[i] - b[first] > max_bytes:
+                out.append((int(b[first]), int(e[i - 1]), indices[first:i]))
+                first = i
+        return out
+
+
+def parse_index(text: str, *, source: str = "index") -> ShardIndex:
+    """Parse a DALI webdataset index (v1.2: a header line ``v1.2 N``, then one line per sample)."""
+    lines = text.splitlines()
+    if not lines:
+        raise TarFormatError(f"{source} is empty")
+    head = lines[0].split()
+    if len(head) != 2 or head[0] != "v1.2":
+        raise TarFormatError(
+            f"{source}: unsupported index header {lines[0][:40]!r} (want 'v1.2 N')"
+        )
+    count = int(head[1])
+    body = [ln for ln in lines[1:] if ln.strip()]
+    if len(body) != count:
+        raise TarFormatError(f"{source} declares {count} samples but lists {len(body)}")
+    members = []
+    begin = np.empty(count, dtype=np.int64)
+    end = np.empty(count, dtype=np.int64)
+    for i, line in enumerate(body):
+        parts = line.split(" ")
+        if len(parts) % 4:
+            raise TarFormatError(f"{source}: line {i + 2} is malformed")
+        sample = tuple(
+            (parts[j], int(parts[j + 1]), int(parts[j + 2]), parts[j + 3])
+            for j in range(0, len(parts), 4)
+        )
+        members.append(sample)
+        begin[i] = min(m[1] for m in sample)
+        end[i] = max(m[1] + m[2] for m in sample)
+    return ShardIndex(members=tuple(members), begin=begin, end=end)
+
+
+def slice_samples(
+    buf: bytes, buf_start: int, index: ShardIndex, indices: np.ndarray
+) -> list[RawSample]:
+    """Cut samples INDICES out of BUF, which holds tar bytes from offset BUF_START."""
+    out = []
+    view = memoryview(buf)
+    for i in indices.tolist():
+        members = {}
+        key = ""
+        for ext, offset, size, name in index.members[i]:
+            lo = offset - buf_start
+            if lo < 0 or lo + size > len(buf):
+                raise TarFormatError(f"sample {i} lies outside the bytes read (truncated shard?)")
+            members[ext] = bytes(view[lo : lo + size])
+            key = split_name(name)[0]
+        out.append(RawSample(key, members))
+    return out
+
+
+def _octal(field: bytes) -> int:
+    if field and field[0] & 0x80:  # GNU base-256 for sizes > 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax_path(data: bytes) -> str | None:
+    for record in data.decode("utf-8", "replace").split("\n"):
+        _, _, kv = record.partition(" ")
+        if kv.startswith("path="):
+            return kv[5:]
+    return None
+
+
+def iter_tar(data: bytes):
+    """Yield (name, member bytes) of the regular files of a complete tar in DATA."""
+    pos = 0
+    n = len(data)
+    long_name: str | None = None
+    while pos + BLOCK <= n:
+        header = data[pos : pos + BLOCK]
+        if header == b"\0" * BLOCK:
+            return
+        if sum(header[:148]) + 256 + sum(header[156:]) != _octal(header[148:156]):
+            raise TarFormatError(f"bad tar header checksum at byte {pos}")
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        start = pos + BLOCK
+        stop = start + size
+        if stop > n:
+            raise TarFormatError(f"tar member at byte {pos} is cut off (truncated shard)")
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if header[257:262] == b"ustar" and prefix:
+            name = prefix + "/" + name
+        pos = start + -(-size // BLOCK) * BLOCK
+        if kind == b"L":
+            long_name = data[start:stop].split(b"\0", 1)[0].decode("utf-8", "replace")
+            continue
+        if kind == b"x":
+            long_name = _pax_path(data[start:stop]) or long_name
+            continue
+        if kind in (b"0", b"\0"):
+            yield (long_name or name), data[start:stop]
+        long_name = None
+    if pos != n:
+        raise TarFormatError("tar ends inside a header or member (truncated shard)")
+
+
+def tar_samples(data: bytes) -> list[RawSample]:
+    """All samples of a complete tar, in file order (members grouped by key)."""
+    out: list[RawSample] = []
+    for name, payload in iter_tar(data):
+        key, ext = split_name(name)
+        if not key or key.endswith("/") or not ext:
+            continue
+        if out and out[-1].key == key:
+            out[-1].members[ext] = payload
+        else:
+            out.append(RawSample(key, {ext: payload}))
+    return out

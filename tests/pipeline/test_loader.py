@@ -1,0 +1,243 @@
+"""The public loader API on shards packed by the real writer, for every backend."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import Batch, LoaderConfig, World, build_loader
+from pipeline.tario import tar_samples
+
+BATCH = 7  # 120 samples: 18 steps, 6 pad repeats on one rank
+
+BACKENDS = {
+    "torch": dict(backend="torch", num_workers=0),
+    "dali-cpu": dict(backend="dali-cpu"),
+    "device-cache": dict(backend="torch", cache="device"),
+    "synthetic": dict(backend="synthetic"),
+}
+READING = ["torch", "dali-cpu", "device-cache"]
+
+
+def _marks(name):
+    return [pytest.mark.dali] if name == "dali-cpu" else []
+
+
+def _params(names):
+    return [pytest.param(n, marks=_marks(n)) for n in names]
+
+
+def cfg_for(name: str, data: str, **kw) -> LoaderConfig:
+    base = dict(
+        data=data, batch_size=BATCH, image_size=32, recipe="small", seed=11, shuffle_buffer=20
+    )
+    return LoaderConfig(**{**base, **BACKENDS[name], **kw})
+
+
+def all_keys(root: str) -> set[str]:
+    return {s.key for p in Path(root).glob("shard-*.tar") for s in tar_samples(p.read_bytes())}
+
+
+@pytest.mark.parametrize("name", _params(BACKENDS))
+def test_epoch_api(name, small_ds):
+    loader = build_loader(cfg_for(name, small_ds), World())
+    assert len(loader) == 18
+    batches = list(loader)
+    assert len(batches) == 18
+    for b in batches:
+        assert isinstance(b, Batch) and len(b) == BATCH
+        assert b.images.shape == (BATCH, 3, 32, 32) and b.images.dtype == torch.float32
+        assert b.images.is_contiguous(memory_format=torch.channels_last)
+        assert b.labels.dtype == torch.int64 and b.labels.shape == (BATCH,)
+        assert int(b.labels.min()) >= 0 and int(b.labels.max()) < 4
+        assert torch.isfinite(b.images).all()
+    report = loader.epoch_report()
+    assert report.steps == 18 and report.repeated == 6 and report.corrupt == ()
+    if name != "synthetic":
+        assert set(report.keys) == all_keys(small_ds)
+    assert len(loader) == 18  # a finished epoch replays in full
+    loader.close()
+
+
+@pytest.mark.parametrize("name", _params(READING))
+def test_every_backend_yields_the_same_keys(name, small_ds):
+    ref = build_loader(cfg_for("torch", small_ds), World())
+    ref.set_epoch(1)
+    loader = build_loader(cfg_for(name, small_ds), World())
+    loader.set_epoch(1)
+    assert [b.keys for b in loader] == [b.keys for b in ref]
+    assert [b.labels.tolist() for b in loader] == [b.labels.tolist() for b in ref]
+
+
+def test_labels_follow_the_keys(small_ds):
+    # The synthetic source names its images by class folder; the manifest maps them to labels.
+    loader = build_loader(cfg_for("torch", small_ds), World())
+    per_key = {}
+    for b in loader:
+        for k, lab in zip(b.keys, b.labels.tolist(), strict=True):
+            assert per_key.setdefault(k, lab) == lab
+    assert Counter(per_key.values()) == {0: 30, 1: 30, 2: 30, 3: 30}
+
+
+@pytest.mark.parametrize("policy", ["pad", "drop"])
+@pytest.mark.parametrize("world_size", [2, 3, 5])
+def test_ranks_split_the_epoch(small_ds, policy, world_size):
+    seen: Counter = Counter()
+    lens, repeated = set(), 0
+    for r in range(world_size):
+        loader = build_loader(
+            cfg_for("torch", small_ds, remainder=policy, batch_size=5),
+            World(rank=r, world_size=world_size),
+        )
+        lens.add(len(loader))
+        for b in loader:
+            seen.update(b.keys)
+        rep = loader.epoch_report()
+        repeated += rep.repeated
+        dropped = rep.dropped
+    assert len(lens) == 1
+    steps = lens.pop()
+    assert sum(seen.values()) == steps * 5 * world_size
+    if policy == "pad":
+        assert set(seen) == all_keys(small_ds)
+        assert sum(seen.values()) - len(seen) == repeated
+    else:
+        assert max(seen.values()) == 1 and repeated == 0
+        assert len(seen) + dropped == 120
+
+
+def test_same_seed_same_keys_other_seed_differs(small_ds):
+    a = [b.keys for b in build_loader(cfg_for("torch", small_ds), World())]
+    b = [b.keys for b in build_loader(cfg_for("torch", small_ds), World())]
+    c = [b.keys for b in build_loader(cfg_for("torch", small_ds, seed=12), World())]
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("name", _params(BACKENDS))
+def test_resume_equality(name, small_ds):
+    cfg = cfg_for(name, small_ds)
+    full = build_loader(cfg, World())
+    full.set_epoch(3)
+    expected = list(full)
+    first = build_loader(cfg, World())
+    first.set_epoch(3)
+    it = iter(first)
+    head = [next(it) for _ in range(5)]
+    state = first.state_dict()
+    first.close()
+    resumed = build_loader(cfg, World())
+    resumed.load_state_dict(state)
+    resumed.set_epoch(3)
+    assert len(resumed) == 13 and resumed.step == 5
+    tail = list(resumed)
+    got = head + tail
+    assert [b.keys for b in got] == [b.keys for b in expected]
+    if name in ("torch", "device-cache"):  # torch RNGs are seeded per step: same pixels too
+        for x, y in zip(got, expected, strict=True):
+            assert torch.equal(x.images, y.images)
+
+
+def test_torch_workers_give_the_same_images(small_ds):
+    inline = list(build_loader(cfg_for("torch", small_ds), World()))
+    pooled = build_loader(cfg_for("torch", small_ds, num_workers=2), World())
+    try:
+        for x, y in zip(inline, pooled, strict=True):
+            assert x.keys == y.keys and torch.equal(x.images, y.images)
+    finally:
+        pooled.close()
+
+
+@pytest.mark.parametrize("policy", ["pad", "drop"])
+def test_elastic_resume_4_to_3(small_ds, policy):
+    cfg = cfg_for("torch", small_ds, batch_size=4, remainder=policy)
+    seen: Counter = Counter()
+    repeated = dropped = 0
+    old = [build_loader(cfg, World(rank=r, world_size=4)) for r in range(4)]
+    states = []
+    for loader in old:
+        loader.set_epoch(2)
+        it = iter(loader)
+        for _ in range(3):
+            seen.update(next(it).keys)
+        states.append(loader.state_dict())
+        repeated += loader.epoch_report().repeated
+    assert all(s == states[0] for s in states)  # the state is rank-independent
+    new = [build_loader(cfg, World(rank=r, world_size=3)) for r in range(3)]
+    lens = set()
+    for loader in new:
+        loader.load_state_dict(states[0])
+        lens.add(len(loader))
+        for b in loader:
+            seen.update(b.keys)
+        report = loader.epoch_report()
+        repeated += report.repeated
+        dropped = report.dropped
+    assert len(lens) == 1
+    if policy == "pad":
+        assert set(seen) == all_keys(small_ds)
+        assert sum(seen.values()) - len(seen) == repeated
+    else:
+        assert max(seen.values()) == 1
+        first_drop = old[0].epoch_report().dropped
+        assert len(seen) == 120 - first_drop - dropped
+
+
+@pytest.mark.parametrize("name", _params(READING))
+def test_corrupt_samples_are_skipped_and_counted(name, corrupt_ds):
+    root, bad = corrupt_ds
+    loader = build_loader(cfg_for(name, root), World())
+    batches = list(loader)
+    assert len(batches) == 18
+    report = loader.epoch_report()
+    assert set(report.corrupt) == bad
+    assert not bad & set(report.keys)
+    assert set(report.keys) | bad == all_keys(root)
+    assert all(torch.isfinite(b.images).all() for b in batches)
+
+
+def test_shards_without_index_read_the_same(small_ds, noidx_ds):
+    a = build_loader(cfg_for("torch", small_ds), World(rank=1, world_size=3))
+    b = build_loader(cfg_for("torch", noidx_ds), World(rank=1, world_size=3))
+    assert [x.keys for x in a] == [x.keys for x in b]
+    it = iter(a)
+    for _ in range(2):
+        next(it)
+    b.load_state_dict(a.state_dict())
+    c = build_loader(cfg_for("torch", small_ds), World(rank=1, world_size=3))
+    c.load_state_dict(a.state_dict())
+    assert [x.keys for x in b] == [x.keys for x in c]
+
+
+def test_eval_order_is_pack_order(small_ds):
+    loader = build_loader(
+        cfg_for("torch", small_ds, train=False, remainder="drop", batch_size=10), World()
+    )
+    keys = [k for b in loader for k in b.keys]
+    assert keys == sorted(keys) and len(keys) == 120
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("name", _params(["torch", "dali-cpu"]))
+def test_reads_from_s3_like_local(name, s3_ds, small_ds):
+    url, options = s3_ds
+    remote = build_loader(cfg_for(name, url, storage_options=options), World(rank=0, world_size=2))
+    local = build_loader(cfg_for(name, small_ds), World(rank=0, world_size=2))
+    assert len(remote) == len(local)
+    assert [b.keys for b in remote] == [b.keys for b in local]
+
+
+@pytest.mark.s3
+def test_s3_wrong_secret_fails_without_leaking_it(s3_server, s3_ds):
+    url, _ = s3_ds
+    from shard_tools.manifest import ManifestError
+
+    secret = "definitely-wrong-secret"
+    with pytest.raises((ManifestError, PermissionError, OSError)) as info:
+        build_loader(
+            cfg_for("torch", url, storage_options=s3_server.storage_options(secret_key=secret)),
+            World(),
+        )
+    assert secret not in str(info.value)

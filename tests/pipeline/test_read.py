@@ -1,0 +1,109 @@
+"""Reading shards: idx-located ranges vs whole-tar parsing, byte checks, failures."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import LoaderConfig
+from pipeline.reader import to_sample
+from pipeline.sanity import check_image
+from pipeline.storage import Dataset, ShardReadError
+from pipeline.tario import tar_samples
+
+
+def _open(root, **kw) -> Dataset:
+    return Dataset.open(LoaderConfig(data=root, batch_size=1, **kw))
+
+
+def test_ranges_match_whole_tar(small_ds):
+    ds = _open(small_ds)
+    for shard, info in enumerate(ds.manifest.shards):
+        whole = tar_samples((Path(small_ds) / info.name).read_bytes())
+        assert len(whole) == info.samples
+        every = ds.read_samples(shard, np.arange(info.samples))
+        assert [(s.key, s.members) for s in every] == [(s.key, s.members) for s in whole]
+        sub = np.array([i for i in range(info.samples) if i % 3 != 1])
+        got = ds.read_samples(shard, sub)
+        assert [s.key for s in got] == [whole[i].key for i in sub]
+        assert all(to_sample(s).problem is None for s in got)
+
+
+def test_small_max_read_splits_ranges(small_ds):
+    ds = _open(small_ds, max_read_mb=1)
+    ds.max_read_bytes = 10_000  # a few samples per request
+    got = ds.read_samples(0, np.arange(17))
+    assert [s.key for s in got] == [s.key for s in _open(small_ds).read_samples(0, np.arange(17))]
+
+
+def test_labels_match_the_manifest_classes(small_ds):
+    ds = _open(small_ds)
+    samples = [to_sample(r) for r in ds.read_samples(0, np.arange(5))]
+    assert all(0 <= s.label < ds.manifest.num_classes for s in samples)
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10), (200, 10, 10)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _webp() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10)).save(buf, "WEBP")
+    return buf.getvalue()
+
+
+def test_sanity_accepts_good_images():
+    for data in (_jpeg(), _png(), _webp()):
+        assert check_image(data) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (_jpeg()[: len(_jpeg()) // 2], "end-of-image"),
+        (_jpeg()[:20] + b"\x00" * 40 + _jpeg()[-2:], "marker"),
+        (b"GIF89a" + b"\0" * 50, "magic"),
+        (_png()[:-20], "IEND"),
+        (_webp()[:-10], "truncated"),
+        (b"", "bytes"),
+    ],
+    ids=["jpeg-truncated", "jpeg-garbage", "gif", "png-truncated", "webp-truncated", "empty"],
+)
+def test_sanity_rejects_broken_images(data, reason):
+    assert reason in check_image(data)
+
+
+def test_missing_shard_fails_naming_it(small_ds, tmp_path):
+    import shutil
+
+    root = tmp_path / "ds"
+    shutil.copytree(small_ds, root)
+    os.remove(root / "shard-000003.tar")
+    ds = _open(str(root), retries=1, retry_backoff_s=0)
+    with pytest.raises(ShardReadError, match=r"shard-000003\.tar.*after 2 attempt"):
+        ds.read_samples(3, np.arange(3))
+
+
+def test_truncated_shard_fails_naming_it(small_ds, tmp_path):
+    import shutil
+
+    root = tmp_path / "ds"
+    shutil.copytree(small_ds, root)
+    tar = root / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:5000])
+    ds = _open(str(root), retries=0)
+    with pytest.raises(ShardReadError, match=r"shard-000001\.tar.*truncated"):
+        ds.read_samples(1, np.arange(17))

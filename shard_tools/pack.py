@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ from shard_tools.manifest import (
 )
 from shard_tools.sources import Item, Source, describe, list_source, select
 from shard_tools.storage import Destination
-from shard_tools.tarwrite import ShardTarWriter
+from shard_tools.tarwrite import ChangedFileError, ShardTarWriter
 
 BATCH = 32  # inputs per worker task: big enough to amortise IPC for tiny images
 IN_FLIGHT_PER_WORKER = 4
@@ -85,6 +86,20 @@ class PackResult:
         return line
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Where worker processes come from.
+
+    Not plain fork: the parent may run fsspec's I/O thread (s3fs) or native
+    thread pools, and a child forked while another thread holds a lock can
+    hang. A fork server is a clean single-threaded process that imports the
+    worker code once; later pools in the same process start in milliseconds
+    (spawn would re-import PIL/numpy/fsspec in every worker of every pack).
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["shard_tools.validate"])
+    return ctx
+
+
 def ordered_results(
     items: list[Item], start: int, opts: validate.WorkerOptions, workers: int
 ) -> Iterator[validate.Result]:
@@ -94,12 +109,11 @@ def ordered_results(
         for pos in range(start, len(items)):
             yield validate.process(pos, items[pos], opts)
         return
-    # spawn, not fork: the parent may run fsspec's I/O thread (s3fs), and a
-    # forked child inheriting a held lock would hang.
     ex = ProcessPoolExecutor(
         max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),
+        mp_context=worker_context(),
         initializer=validate.init_worker,
+        initargs=(dict(os.environ), os.getpid()),
     )
     pending: deque = deque()
     nxt = start
@@ -126,10 +140,16 @@ class _ShardSink:
         self.rejected: list[tuple[str, str]] = []
         self.class_counts: dict[int, int] = {}
 
-    def commit(self, dest: Destination, input_end: int) -> dict[str, Any]:
+    def commit(
+        self, dest: Destination, input_end: int
+    ) -> tuple[dict[str, Any], Callable[[], None]]:
+        """Close the tar; return its journal entry and the function that publishes it.
+
+        Publishing (flush + fsync + rename, or the S3 upload's completion, then
+        the index, then the journal entry, in that order) runs on the
+        committer thread, so the writer goes on with the next shard meanwhile.
+        """
         idx = self.tar.finish().encode("ascii")
-        self._cm.__exit__(None, None, None)
-        dest.write_bytes(self.index_name, idx)
         entry = {
             "name": self.name,
             "samples": self.tar.samples,
@@ -143,8 +163,13 @@ class _ShardSink:
             "rejected": self.rejected,
             "class_counts": {str(k): v for k, v in sorted(self.class_counts.items())},
         }
-        resume.record(dest, entry)
-        return entry
+
+        def publish() -> None:
+            self._cm.__exit__(None, None, None)
+            dest.write_bytes(self.index_name, idx)
+            resume.record(dest, entry)
+
+        return entry, publish
 
     def abort(self, exc: BaseException) -> None:
         self._cm.__exit__(type(exc), exc, exc.__traceback__)
@@ -204,8 +229,7 @@ def pack(
 
         entries = pack_with_ray(config, source, dest, done, storage_options)
     else:
-        written = _write_shards(config, source, dest, done, storage_options, progress, tail)
-        entries = done + list(written)
+        entries = done + _write_shards(config, source, dest, done, storage_options, progress, tail)
     return _finish(config, source, dest, entries, tail, len(done), time.perf_counter() - t0)
 
 
@@ -217,8 +241,8 @@ def _write_shards(
     storage_options: dict[str, Any] | None,
     progress: bool,
     tail_rejected: list[tuple[str, str]],
-) -> Iterator[dict[str, Any]]:
-    """Write the shards after DONE; yield each one's journal entry.
+) -> list[dict[str, Any]]:
+    """Write the shards after DONE; return their journal entries in order.
 
     Rejections with no shard to carry them (every remaining input rejected)
     go to TAIL_REJECTED.
@@ -235,9 +259,22 @@ def _write_shards(
         storage_options=storage_options,
     )
     bar = _progress_bar(len(source.items), start, progress)
+    entries: list[dict[str, Any]] = []
+    published: list[Future] = []
+    # One committer thread: shards are published strictly in order.
+    committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-commit")
     shard: _ShardSink | None = None
-    next_index = len(done)
     written_bytes = 0
+
+    def commit(input_end: int) -> None:
+        nonlocal written_bytes
+        entry, publish = shard.commit(dest, input_end)
+        entries.append(entry)
+        published.append(committer.submit(publish))
+        written_bytes += entry["bytes"]
+        while published and published[0].done():
+            published.pop(0).result()  # surface a failed publish early
+
     try:
         for n, (pos, label, payload) in enumerate(
             ordered_results(source.items, start, opts, config.num_workers)
@@ -250,7 +287,7 @@ def _write_shards(
                 if config.strict:
                     raise PackError(f"--strict: rejected {source.items[pos].source}: {payload}")
                 if shard is None:
-                    shard = _ShardSink(dest, next_index)
+                    shard = _ShardSink(dest, len(done) + len(entries))
                 shard.rejected.append((source.items[pos].source, payload))
                 continue
             if (
@@ -261,29 +298,36 @@ def _write_shards(
                     or shard.tar.size_if_added(payload) > config.max_bytes
                 )
             ):
-                yield shard.commit(dest, input_end=pos)
-                written_bytes += shard.tar.bytes_written
-                shard, next_index = None, next_index + 1
+                commit(input_end=pos)
+                shard = None
             if shard is None:
-                shard = _ShardSink(dest, next_index)
-            shard.tar.add(f"{pos:010d}", payload)
+                shard = _ShardSink(dest, len(done) + len(entries))
+            shard.tar.add_chunk(payload)
             shard.class_counts[label] = shard.class_counts.get(label, 0) + 1
         if shard is not None:
             if shard.tar.samples:
-                yield shard.commit(dest, input_end=len(source.items))
+                commit(input_end=len(source.items))
             else:
-                # Only rejections since the last shard: no shard file, but the
-                # journal must still carry them.
+                # Only rejections since the last shard: no shard file; the
+                # rejections still go to rejected.jsonl.
                 shard.abort(RuntimeError("empty shard"))
                 tail_rejected.extend(shard.rejected)
             shard = None
     except BaseException as exc:
         if shard is not None:
             shard.abort(exc)
+        if isinstance(exc, ChangedFileError):
+            raise PackError(f"{exc}; rerun with --resume once the input is stable") from None
         raise
     finally:
+        # Shards already handed over are whole: let their publishing finish
+        # (so the journal matches the files) before returning or raising.
+        committer.shutdown(wait=True)
         if bar is not None:
             bar.close()
+    for future in published:
+        future.result()
+    return entries
 
 
 def _finish(

@@ -105,7 +105,7 @@ class Destination:
         tmp = join_url(self.path(TMP_DIR), name)
         if self.is_local:
             os.makedirs(os.path.dirname(tmp), exist_ok=True)
-            f = open(tmp, "wb")  # noqa: SIM115 - closed on both paths below
+            f = open(tmp, "wb", buffering=2**20)  # noqa: SIM115 - closed on both paths below
             try:
                 yield f
                 f.flush()

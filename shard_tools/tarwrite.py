@@ -14,7 +14,8 @@ The ``.idx`` file is DALI's webdataset index, format v1.2 as written by its
 from __future__ import annotations
 
 import hashlib
-from typing import BinaryIO
+import os
+from typing import BinaryIO, NamedTuple
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tarfile.RECORDSIZE: archives are padded to a whole record
@@ -38,6 +39,11 @@ _AFTER_CHKSUM = (
 _MAX_SIZE = 8**11 - 1  # 11 octal digits
 
 
+_CHKSUM_CONST = (
+    sum(_MODE_UID_GID) + sum(_MTIME) + sum(_AFTER_CHKSUM) + 8 * 0x20 + 0
+)  # + name + size
+
+
 def tar_header(name: str, size: int) -> bytes:
     """The 512-byte ustar header for a regular file NAME of SIZE bytes."""
     raw = name.encode("utf-8")
@@ -45,9 +51,21 @@ def tar_header(name: str, size: int) -> bytes:
         raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
     if size > _MAX_SIZE:
         raise ValueError(f"tar member {name!r} is larger than 8 GiB")
-    head = raw.ljust(100, b"\x00") + _MODE_UID_GID + b"%011o\x00" % size + _MTIME
-    chksum = sum(head) + sum(_AFTER_CHKSUM) + 8 * 0x20
-    return head + b"%06o\x00 " % chksum + _AFTER_CHKSUM
+    size_field = b"%011o\x00" % size
+    # The checksum is the byte sum of the header with its own field as spaces;
+    # only the name and the size vary, so the rest is summed once at import.
+    chksum = _CHKSUM_CONST + sum(raw) + sum(size_field)
+    return b"".join(
+        (
+            raw,
+            b"\x00" * (100 - len(raw)),
+            _MODE_UID_GID,
+            size_field,
+            _MTIME,
+            b"%06o\x00 " % chksum,
+            _AFTER_CHKSUM,
+        )
+    )
 
 
 def padded(size: int) -> int:
@@ -55,9 +73,79 @@ def padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
-def sample_tar_bytes(members: list[tuple[str, bytes]]) -> int:
-    """Bytes one sample adds to a tar (headers and padding included)."""
-    return sum(BLOCK + padded(len(data)) for _, data in members)
+class FileRef(NamedTuple):
+    """SIZE bytes at OFFSET of a local file that was validated as it was at STAMP.
+
+    Large images kept byte for byte travel from worker to writer as this
+    reference instead of as bytes: the writer reads them from the (warm) page
+    cache, which costs far less than pickling them through a pipe.
+    """
+
+    path: str
+    offset: int
+    size: int
+    stamp: tuple[int, int]  # (st_size, st_mtime_ns) of the file when validated
+
+
+class SampleChunk(NamedTuple):
+    """One sample as the exact bytes it adds to a tar, built away from the writer.
+
+    Headers depend only on member names and sizes, never on the position in
+    the shard, so workers build chunks and the writer only appends them. With
+    ``file_ref``, the first member's data is not in ``data`` but in that file
+    and belongs at ``data[BLOCK]``.
+    """
+
+    key: str
+    data: bytes  # headers, member data and padding
+    members: tuple[tuple[str, int, int], ...]  # (ext, data offset within the chunk, size)
+    file_ref: FileRef | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + (self.file_ref.size if self.file_ref else 0)
+
+
+class ChangedFileError(OSError):
+    """A file referenced by a FileRef changed between validation and writing."""
+
+
+def read_ref(ref: FileRef) -> bytes:
+    """The bytes a FileRef points at; ChangedFileError if the file changed since."""
+    with open(ref.path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if (st.st_size, st.st_mtime_ns) != ref.stamp:
+            raise ChangedFileError(f"{ref.path} changed while it was being packed")
+        f.seek(ref.offset)
+        data = f.read(ref.size)
+    if len(data) != ref.size:
+        raise ChangedFileError(f"{ref.path} changed while it was being packed")
+    return data
+
+
+def sample_chunk(
+    key: str, members: list[tuple[str, bytes]], *, file_ref: FileRef | None = None
+) -> SampleChunk:
+    """Build the tar bytes of sample KEY; members ``(ext, data)`` become ``<key>.<ext>``.
+
+    With FILE_REF, the first member's data is the referenced bytes (and its
+    ``data`` in MEMBERS is ignored).
+    """
+    if "." in key or "/" in key or not key:
+        raise ValueError(f"sample key must be a plain name without dots: {key!r}")
+    parts: list[bytes] = []
+    index = []
+    offset = 0
+    for i, (ext, data) in enumerate(members):
+        size = file_ref.size if (file_ref is not None and i == 0) else len(data)
+        pad = padded(size) - size
+        parts.append(tar_header(f"{key}.{ext}", size))
+        if not (file_ref is not None and i == 0):
+            parts.append(data)
+        parts.append(b"\x00" * pad)
+        index.append((ext, offset + BLOCK, size))
+        offset += BLOCK + size + pad
+    return SampleChunk(key, b"".join(parts), tuple(index), file_ref)
 
 
 def finished_size(body_bytes: int) -> int:
@@ -89,25 +177,29 @@ class ShardTarWriter:
 
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
         """Write one sample: members ``(ext, data)`` become ``<key>.<ext>``."""
-        if "." in key or "/" in key or not key:
-            raise ValueError(f"sample key must be a plain name without dots: {key!r}")
-        parts = []
-        for ext, data in members:
-            name = f"{key}.{ext}"
-            header = tar_header(name, len(data))
-            offset = self.bytes_written + BLOCK
-            pad = padded(len(data)) - len(data)
-            self._write(header + data + b"\x00" * pad if pad else header + data)
-            parts.append(f"{ext} {offset} {len(data)} {name}")
-        self._idx_lines.append(" ".join(parts))
+        self.add_chunk(sample_chunk(key, members))
+
+    def add_chunk(self, chunk: SampleChunk) -> None:
+        """Append a sample built by :func:`sample_chunk`."""
+        base = self.bytes_written
+        key = chunk.key
+        if chunk.file_ref is None:
+            self._write(chunk.data)
+        else:
+            self._write(chunk.data[:BLOCK])
+            self._write(read_ref(chunk.file_ref))
+            self._write(chunk.data[BLOCK:])
+        self._idx_lines.append(
+            " ".join(f"{ext} {base + off} {size} {key}.{ext}" for ext, off, size in chunk.members)
+        )
         if not self.samples:
             self.first_key = key
         self.last_key = key
         self.samples += 1
 
-    def size_if_added(self, members: list[tuple[str, bytes]]) -> int:
-        """The finished file size if this sample were added now."""
-        return finished_size(self.bytes_written + sample_tar_bytes(members))
+    def size_if_added(self, chunk: SampleChunk) -> int:
+        """The finished file size if CHUNK were added now."""
+        return finished_size(self.bytes_written + chunk.nbytes)
 
     def finish(self) -> str:
         """Write the trailer; return the DALI index text for what was written."""

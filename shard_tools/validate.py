@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +36,13 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from shard_tools.sources import Item, TarRef
 from shard_tools.storage import options_for
+from shard_tools.tarwrite import FileRef, sample_chunk
 
 EXT_OF = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 KEEP_MODES = ("L", "RGB")
+# Kept local images at least this large go to the writer as a FileRef (the
+# writer re-reads them from the page cache) instead of through the pipe.
+BY_REFERENCE_MIN_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,41 +62,86 @@ class Rejected(Exception):
     """This input cannot be packed; the message is the reason."""
 
 
-# (pos, label, members) for a packed sample, (pos, None, reason) for a rejected one.
+# (pos, label, tar chunk) for a packed sample, (pos, None, reason) for a rejected one.
+# The key is the zero-padded input position: unique, stable, sorting in pack order.
 Result = tuple[int, int | None, Any]
 
 _TAR_HANDLES: dict[str, Any] = {}
 
 
-def init_worker() -> None:
-    """Process-wide PIL settings: we check pixel counts ourselves, never load truncated data."""
+def init_worker(environ: dict[str, str] | None = None, packer_pid: int | None = None) -> None:
+    """Set up a worker process.
+
+    PIL: we check pixel counts ourselves and never load truncated data.
+    ENVIRON is the parent's environment at pool start: a fork-server child
+    would otherwise see the environment of the moment the server started
+    (stale AWS_* variables, for instance). PACKER_PID: exit when the packer
+    is gone (pool workers otherwise outlive a SIGKILLed packer forever).
+    """
+    if environ is not None and environ != os.environ:
+        os.environ.clear()
+        os.environ.update(environ)
     Image.MAX_IMAGE_PIXELS = None
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    if packer_pid is not None:
+        threading.Thread(target=_exit_without, args=(packer_pid, os.getppid()), daemon=True).start()
 
 
-def read_bytes(ref: str | TarRef, storage_options: dict[str, Any] | None) -> bytes:
-    """The raw bytes of one input (a file, a URL or a tar member)."""
+def _exit_without(packer_pid: int, parent_pid: int) -> None:
+    while True:
+        time.sleep(0.5)
+        try:
+            os.kill(packer_pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:
+            os._exit(1)  # the pid now belongs to another user: the packer is gone
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+# Where bytes came from when that was a local file: (path, offset, (st_size, st_mtime_ns)).
+Origin = tuple[str, int, tuple[int, int]] | None
+
+
+def _local_tar(path: str):
+    f = _TAR_HANDLES.get(path)
+    if f is None:
+        if len(_TAR_HANDLES) > 8:
+            for old in _TAR_HANDLES.values():
+                old.close()
+            _TAR_HANDLES.clear()
+        f = _TAR_HANDLES[path] = open(path, "rb")  # noqa: SIM115 - cached across samples
+    return f
+
+
+def read_bytes(ref: str | TarRef, storage_options: dict[str, Any] | None) -> tuple[bytes, Origin]:
+    """The raw bytes of one input (a file, a URL or a tar member) and, if local, their origin."""
     try:
         if isinstance(ref, TarRef):
-            f = _TAR_HANDLES.get(ref.url)
-            if f is None:
-                if len(_TAR_HANDLES) > 8:
-                    for old in _TAR_HANDLES.values():
-                        old.close()
-                    _TAR_HANDLES.clear()
-                f = fsspec.open(ref.url, "rb", **options_for(ref.url, storage_options)).open()
-                _TAR_HANDLES[ref.url] = f
+            local = "://" not in ref.url
+            if local:
+                f = _local_tar(ref.url)
+            else:
+                f = _TAR_HANDLES.get(ref.url)
+                if f is None:
+                    f = fsspec.open(ref.url, "rb", **options_for(ref.url, storage_options)).open()
+                    _TAR_HANDLES[ref.url] = f
             f.seek(ref.offset)
             data = f.read(ref.size)
             if len(data) != ref.size:
                 raise Rejected(f"tar member truncated ({len(data)} of {ref.size} bytes)")
-            return data
+            if not local:
+                return data, None
+            st = os.fstat(f.fileno())
+            return data, (ref.url, ref.offset, (st.st_size, st.st_mtime_ns))
         if "://" not in ref:
             with open(ref, "rb") as f:
-                return f.read()
+                st = os.fstat(f.fileno())
+                return f.read(), (ref, 0, (st.st_size, st.st_mtime_ns))
         with fsspec.open(ref, "rb", **options_for(ref, storage_options)) as f:
-            return f.read()
+            return f.read(), None
     except PermissionError:
         raise Rejected("unreadable: permission denied") from None
     except FileNotFoundError:
@@ -154,7 +206,7 @@ def image_member(data: bytes, opts: WorkerOptions) -> tuple[str, bytes, int, int
 def process(pos: int, item: Item, opts: WorkerOptions) -> Result:
     """Turn one input into its tar members, or into a rejection reason."""
     try:
-        data = read_bytes(item.ref, opts.storage_options)
+        data, origin = read_bytes(item.ref, opts.storage_options)
         ext, payload, width, height = image_member(data, opts)
     except Rejected as exc:
         return pos, None, str(exc)
@@ -173,7 +225,10 @@ def process(pos: int, item: Item, opts: WorkerOptions) -> Result:
         ("cls", str(item.label).encode("ascii")),
         ("json", text.encode("utf-8")),
     ]
-    return pos, item.label, members
+    file_ref = None
+    if origin is not None and payload is data and len(data) >= BY_REFERENCE_MIN_BYTES:
+        file_ref = FileRef(origin[0], origin[1], len(data), origin[2])
+    return pos, item.label, sample_chunk(f"{pos:010d}", members, file_ref=file_ref)
 
 
 def process_batch(start: int, items: list[Item], opts: WorkerOptions) -> list[Result]:

@@ -12,7 +12,7 @@ from shardtest_helpers import wds2idx_binary
 from shard_tools.cli import main
 from shard_tools.config import PackConfig
 from shard_tools.pack import pack
-from shard_tools.tarwrite import ShardTarWriter, finished_size, sample_tar_bytes
+from shard_tools.tarwrite import ShardTarWriter, finished_size, sample_chunk
 
 
 def _tarfile_bytes(members):
@@ -35,9 +35,10 @@ def test_same_bytes_as_tarfile(sizes):
     writer = ShardTarWriter(buf)
     predicted = 0
     for key, members in samples:
-        predicted_size = writer.size_if_added(members)
+        chunk = sample_chunk(key, members)
+        predicted_size = writer.size_if_added(chunk)
         writer.add(key, members)
-        predicted += sample_tar_bytes(members)
+        predicted += len(chunk.data)
         assert finished_size(predicted) == predicted_size
     writer.finish()
     expected = _tarfile_bytes([(f"{k}.{e}", d) for k, ms in samples for e, d in ms])

@@ -1,0 +1,246 @@
+"""shard-write: what index, checksums and validation cost when packing shards.
+
+Four ways through the same files, in one run, per dataset:
+
+(a) ``wds-shardwriter``: webdataset's ShardWriter copying the files (image,
+    label, metadata; no index, no hash, no validation), one process: what
+    most users run today;
+(b) ``pack-novalidate``: ``shard pack --no-validate --workers 2`` (index and
+    sha256 on), compared with (a);
+(c) ``decode-only``: a bare loop that reads and fully decodes every file with
+    PIL in 2 processes and writes nothing: the floor for validation;
+(d) ``pack-validate``: ``shard pack --workers 2`` with full-decode
+    validation, compared with (c).
+
+Goals on a 2-core machine: (b)/(a) >= 1.0 and (d)/(c) >= 0.9. Every timed
+run includes its own process start-up. Data: CIFAR-10 train (a subset with
+--quick) and the 500-image ImageNet sample from the shared data folder
+(SHARDFLOW_SHARED_DATA, default ../shared/data next to the repository); with
+--quick and no data, synthetic images stand in.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import benchmarks
+from benchmarks.harness import Measurement, measure
+from shard_tools.pack import worker_context
+
+WORKERS = 2
+DECODE_BATCH = 32
+
+
+def shared_data() -> Path:
+    default = Path(benchmarks.__file__).resolve().parents[2] / "shared" / "data"
+    return Path(os.environ.get("SHARDFLOW_SHARED_DATA", default))
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--cifar-limit",
+        type=int,
+        default=None,
+        help="images of CIFAR-10 train to use (default: all; 5000 with --quick)",
+    )
+    parser.add_argument(
+        "--work-dir", default=None, help="scratch folder (default: a temp dir, removed afterwards)"
+    )
+
+
+def _cifar(work: Path, limit: int | None) -> tuple[str, list[Path]] | None:
+    archive = shared_data() / "cifar10-jpeg.tar.gz"
+    if not archive.exists():
+        return None
+    root = work / "cifar"
+    with tarfile.open(archive) as tf:
+        tf.extractall(root, filter="data")
+    train = next(p for p in [root, *root.iterdir()] if (p / "train").is_dir()) / "train"
+    if limit:
+        # An even subset: the first LIMIT/10 files of every class.
+        per_class = max(1, limit // 10)
+        for cls in train.iterdir():
+            for extra in sorted(cls.iterdir())[per_class:]:
+                extra.unlink()
+    return str(train), sorted(train.rglob("*.jpg"))
+
+
+def _imagenet(work: Path) -> tuple[str, list[Path]] | None:
+    archive = shared_data() / "imagenet-sample-500.tar"
+    if not archive.exists():
+        return None
+    root = work / "imagenet"
+    with tarfile.open(archive) as tf:
+        tf.extractall(root, filter="data")
+    files = sorted(root.rglob("*.JPEG"))
+    table = root / "list.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        for p in files:
+            w.writerow([str(p), p.name.split("_", 1)[0]])
+    return str(table), files
+
+
+def _synth(work: Path, name: str, per_class: int, size: int) -> tuple[str, list[Path]]:
+    from shard_tools.synth import make_image_folder
+
+    root = make_image_folder(work / name, num_classes=10, per_class=per_class, size=size)
+    return str(root), sorted(root.rglob("*.jpg"))
+
+
+def _label_of(src: str, path: Path) -> str:
+    return path.name.split("_", 1)[0] if src.endswith(".csv") else path.parent.name
+
+
+def _shardwriter_copy(src: str, files: list[Path], out: Path) -> int:
+    import webdataset as wds
+
+    out.mkdir(parents=True)
+    labels = sorted({_label_of(src, p) for p in files})
+    ids = {name: i for i, name in enumerate(labels)}
+    with wds.ShardWriter(
+        str(out / "shard-%06d.tar"), maxcount=10_000, maxsize=256e6, verbose=0
+    ) as sink:
+        for i, path in enumerate(files):
+            label = _label_of(src, path)
+            meta = {"source": str(path), "label": ids[label], "class": label}
+            sink.write(
+                {"__key__": f"{i:010d}", "jpg": path.read_bytes(), "cls": ids[label], "json": meta}
+            )
+    return len(files)
+
+
+def _decode_batch(paths: list[str]) -> int:
+    from PIL import Image
+
+    for p in paths:
+        with Image.open(p) as img:
+            img.load()
+    return len(paths)
+
+
+def _decode_only(files: list[Path]) -> int:
+    paths = [str(p) for p in files]
+    batches = [paths[i : i + DECODE_BATCH] for i in range(0, len(paths), DECODE_BATCH)]
+    # The same fork server as `shard pack` uses, so both pay the same start-up.
+    with ProcessPoolExecutor(max_workers=WORKERS, mp_context=worker_context()) as ex:
+        return sum(ex.map(_decode_batch, batches))
+
+
+def _pack(src: str, out: Path, *, validate: bool) -> int:
+    from shard_tools.config import PackConfig
+    from shard_tools.pack import pack
+
+    cfg = PackConfig(src=src, dest=str(out), workers=WORKERS, validate=validate)
+    result = pack(cfg, progress=False)
+    return result.manifest.samples + result.rejected
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def _with_mb(m: Measurement, mb: float) -> Measurement:
+    return Measurement(
+        name=m.name + " MB/s",
+        unit="MB/s",
+        items=mb,
+        seconds=list(m.seconds),
+        params=m.params,
+        baseline=m.baseline + " MB/s" if m.baseline else None,
+    )
+
+
+def _measure_dataset(
+    name: str, src: str, files: list[Path], work: Path, repeats: int
+) -> list[Measurement]:
+    n = len(files)
+    mb = sum(p.stat().st_size for p in files) / 1e6
+    params = {"images": n, "source_mb": round(mb, 1), "workers": WORKERS}
+    out = work / "out"
+    a = measure(
+        f"{name}/a wds-shardwriter",
+        lambda: _shardwriter_copy(src, files, _fresh(out)),
+        items=n,
+        repeats=repeats,
+        params=params,
+    )
+    b = measure(
+        f"{name}/b pack-novalidate",
+        lambda: _pack(src, _fresh(out), validate=False),
+        items=n,
+        repeats=repeats,
+        params=params,
+        baseline=a.name,
+    )
+    c = measure(
+        f"{name}/c decode-only",
+        lambda: _decode_only(files),
+        items=n,
+        repeats=repeats,
+        params=params,
+    )
+    d = measure(
+        f"{name}/d pack-validate",
+        lambda: _pack(src, _fresh(out), validate=True),
+        items=n,
+        repeats=repeats,
+        params=params,
+        baseline=c.name,
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    return [a, b, c, d, *(_with_mb(m, mb) for m in (a, b, c, d))]
+
+
+def run(args) -> tuple[list[Measurement], dict]:
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="shard-write-"))
+    work.mkdir(parents=True, exist_ok=True)
+    notes: dict = {}
+    try:
+        limit = args.cifar_limit or (5000 if args.quick else None)
+        datasets = []
+        cifar = _cifar(work, limit)
+        imagenet = _imagenet(work)
+        if cifar:
+            datasets.append(("cifar10", *cifar))
+        if imagenet:
+            datasets.append(("imagenet500", *imagenet))
+        if not datasets:
+            if not args.quick:
+                raise SystemExit(
+                    f"shard-write: no data under {shared_data()} (use --quick for synthetic images)"
+                )
+            datasets = [
+                ("synth32", *_synth(work, "synth32", 200, 32)),
+                ("synth256", *_synth(work, "synth256", 20, 256)),
+            ]
+            notes["data"] = "synthetic images (shared data not found)"
+        results: list[Measurement] = []
+        for name, src, files in datasets:
+            print(f"-- {name}: {len(files):,} images", flush=True)
+            results += _measure_dataset(name, src, files, work, args.repeats)
+        by = {m.name: m for m in results}
+        for name, *_ in datasets:
+            for x, base in (
+                ("b pack-novalidate", "a wds-shardwriter"),
+                ("d pack-validate", "c decode-only"),
+            ):
+                ratio = by[f"{name}/{x}"].median / by[f"{name}/{base}"].median
+                notes[f"{name} {x[0]}/{base[0]}"] = round(ratio, 3)
+        notes["goals"] = "b/a >= 1.0, d/c >= 0.9 (2 workers on 2 cores)"
+        notes["timing"] = json.dumps(
+            {"warmup": 1, "repeats": args.repeats, "includes": "process start-up"}
+        )
+        return results, notes
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)

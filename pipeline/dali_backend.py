@@ -6,12 +6,15 @@ large sequential reads, the exact planned order (resume, accounting) and the
 corrupt-sample checks, and leaves DALI the decode and augmentation.
 
 One DALI pipeline is built per iteration (milliseconds), seeded from
-(seed, epoch, rank, generation, start step). Outputs are copied out of DALI's
-buffers (which it reuses on the next run) before they are handed on.
+(seed, epoch, rank, generation, start step). Outputs reach torch through DLPack without a copy (DALI's default dynamic
+executor never recycles an output that is still referenced); the NHWC batch
+is the channels_last layout of the NCHW view handed out.
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
 from collections import deque
 from collections.abc import Iterator
 
@@ -19,7 +22,9 @@ import numpy as np
 import torch
 
 from pipeline.batch import Batch
-from pipeline.reader import encoded_batches
+from pipeline.reader import encoded_batches, full_decode_check
+
+log = logging.getLogger("pipeline")
 
 try:
     from nvidia.dali import Pipeline, fn, types
@@ -66,32 +71,68 @@ class DaliBackend:
         pipe.build()
         return pipe
 
-    def _to_torch(self, out) -> torch.Tensor:
-        nhwc = torch.from_dlpack(out.as_tensor())
+    def _to_torch(self, out, dynamic: bool) -> torch.Tensor:
+        if dynamic and out.is_dense_tensor():
+            # DALI's dynamic executor (its default) allocates every output afresh and
+            # never recycles memory that is still referenced; the DLPack capsule keeps
+            # the TensorList alive, so the zero-copy view stays valid after later runs
+            # (tests/pipeline/test_loader.py checks it).
+            nhwc = torch.from_dlpack(out.as_tensor())
+        else:
+            # Other executors reuse output buffers on the next run: copy out once.
+            shape = (len(out), *out.shape()[0])
+            dali_dtype = torch.float16 if self.cfg.dtype == "float16" else torch.float32
+            gpu = self.dali_device == "gpu"
+            nhwc = torch.empty(shape, dtype=dali_dtype, device=self.device if gpu else "cpu")
+            ptr = ctypes.c_void_p(nhwc.data_ptr())
+            if gpu:
+                out.copy_to_external(
+                    ptr, torch.cuda.current_stream(self.device).cuda_stream, non_blocking=True
+                )
+            else:
+                out.copy_to_external(ptr)
         nchw = nhwc.permute(0, 3, 1, 2)  # NHWC memory == NCHW in channels_last format
-        moved = nchw.to(self.device, self.dtype, non_blocking=True)
-        # DALI reuses its output buffers on the next run: own the memory before returning.
-        if moved.data_ptr() == nchw.data_ptr():
-            moved = moved.clone()
-        return moved
+        return nchw.to(self.device, self.dtype, non_blocking=True)
 
     def batches(self, job) -> Iterator[Batch]:
         source = encoded_batches(job)
-        meta: deque = deque()
+        in_flight: deque = deque()  # batches fed to DALI whose outputs are not out yet
+        replay: deque = deque()  # checked batches to feed again after a decoder error
 
         def feed():
-            enc = next(source)  # StopIteration ends DALI's epoch
-            meta.append(enc)
+            enc = replay.popleft() if replay else next(source)  # StopIteration ends DALI's epoch
+            in_flight.append(enc)
             return [np.frombuffer(img, dtype=np.uint8) for img in enc.images]
 
-        pipe = self._pipeline(feed, job.seed_for(job.start))
+        step = job.start
+        failed_at = -1
+        pipe = self._pipeline(feed, job.seed_for(step))
         try:
-            for _ in range(job.start, job.plan.steps):
-                (out,) = pipe.run()
-                images = self._to_torch(out)
-                enc = meta.popleft()
+            while step < job.plan.steps:
+                try:
+                    (out,) = pipe.run()
+                except RuntimeError as exc:
+                    # A decoder error poisons the whole pipeline. Rebuild it and feed the
+                    # batches that were in flight again, after a full decode check that
+                    # swaps out the undecodable images; a second error at the same step
+                    # means something else is wrong.
+                    if failed_at == step:
+                        raise
+                    failed_at = step
+                    log.warning("DALI failed at step %d (%s); checking the batches in flight",
+                                step, str(exc).strip().splitlines()[-1])  # fmt: skip
+                    del pipe
+                    redo = [full_decode_check(enc) for enc in in_flight] + list(replay)
+                    in_flight.clear()
+                    replay.clear()
+                    replay.extend(redo)
+                    pipe = self._pipeline(feed, job.seed_for(step))
+                    continue
+                images = self._to_torch(out, pipe.exec_dynamic)
+                enc = in_flight.popleft()
                 labels = torch.from_numpy(enc.labels).to(self.device, non_blocking=True)
                 yield Batch(images, labels, enc.keys, enc.skipped)
+                step += 1
         finally:
             del pipe
             source.close()

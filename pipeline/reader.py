@@ -172,3 +172,36 @@ def _make_batch(step, samples, last_valid, ro, names) -> tuple[EncodedBatch, Sam
         skipped=tuple(skipped),
     )
     return batch, (valid[-1] if valid else last_valid)
+
+
+def full_decode_check(enc: EncodedBatch) -> EncodedBatch:
+    """Decode every image of ENC fully; replace those that fail like corrupt ones.
+
+    Slow (a full CPU decode), so only used to recover after a decoder error.
+    """
+    import warnings
+
+    import torch
+    from torchvision.io import decode_image
+
+    bad = []
+    for i, data in enumerate(enc.images):
+        try:
+            with warnings.catch_warnings():  # torchvision 0.29 deprecation notice
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        except RuntimeError as exc:
+            log.warning(
+                "skipping undecodable sample %s: %s", enc.keys[i], str(exc).splitlines()[-1]
+            )
+            bad.append(i)
+    if not bad:
+        return enc
+    good = next((i for i in range(len(enc.keys)) if i not in bad), None)
+    if good is None:
+        raise CorruptDataError(f"no image of batch {enc.step} can be decoded: {enc.keys}")
+    keys, images, labels = list(enc.keys), list(enc.images), enc.labels.copy()
+    for i in bad:
+        keys[i], images[i], labels[i] = keys[good], images[good], labels[good]
+    skipped = enc.skipped + tuple(enc.keys[i] for i in bad)
+    return EncodedBatch(step=enc.step, keys=keys, images=images, labels=labels, skipped=skipped)

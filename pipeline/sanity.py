@@ -4,8 +4,11 @@ A DALI pipeline cannot skip one bad sample once a batch is inside it, and a
 PIL error in a worker kills a plain DataLoader epoch. So every sample's bytes
 are checked here first (microseconds, no pixel decode): the container's magic
 number, the structure up to the pixel data, and the end marker. What passes is
-well-formed enough for every decoder we use; what fails is replaced by a valid
-sample of the same batch and reported by key.
+well-formed in its structure; what fails is replaced by a valid sample of the
+same batch and reported by key. Damage these checks cannot see (say, a frame
+that names an undefined quantisation table) is caught by the decoders: the
+torch backend per image, the DALI backends by re-checking the batches in
+flight with a full decode after a pipeline error (see dali_backend).
 """
 
 from __future__ import annotations
@@ -15,6 +18,18 @@ import struct
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
+
+
+def _huffman_ok(data: bytes, pos: int, end: int) -> bool:
+    # Each table: class/id byte, 16 code-length counts, then that many symbols.
+    while pos < end:
+        if data[pos] >> 4 > 1 or data[pos] & 0x0F > 3:
+            return False
+        count = sum(data[pos + 1 : pos + 17])
+        if count > 256 or pos + 17 + count > end:
+            return False
+        pos += 17 + count
+    return True
 
 
 def _check_jpeg(data: bytes) -> str | None:
@@ -44,6 +59,8 @@ def _check_jpeg(data: bytes) -> str | None:
             if height == 0 or width == 0:
                 return f"JPEG frame has zero size ({width}x{height})"
             seen_sof = True
+        elif marker == 0xC4 and not _huffman_ok(data, pos + 4, pos + 2 + length):
+            return f"JPEG Huffman table at byte {pos} is malformed"
         elif marker == 0xDA:  # start of scan: entropy-coded data follows
             if not seen_sof:
                 return "JPEG scan before any frame header"

@@ -125,7 +125,7 @@ def decode_batch(
         if first_ok < 0:
             first_ok = i
     if failed and first_ok >= 0:
-        out[failed] = out[first_ok]
+        out[failed] = out[first_ok].clone()
     return out, failed
 
 

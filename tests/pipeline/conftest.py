@@ -60,21 +60,32 @@ def _members(idx_line: str) -> dict[str, tuple[int, int, str]]:
     }
 
 
+def _find_marker(buf: bytearray, start: int, marker: int) -> int:
+    pos = start + 2
+    while buf[pos + 1] != marker:
+        pos += 2 + int.from_bytes(buf[pos + 2 : pos + 4], "big")
+    return pos
+
+
 @pytest.fixture(scope="session")
 def corrupt_ds(tmp_path_factory, small_ds) -> tuple[str, set[str]]:
-    """A copy whose shard 2 holds a truncated JPEG (end overwritten with zeros) and one
-    with a destroyed header; returns (root, keys of the corrupt samples)."""
+    """A copy whose shard 2 holds a truncated JPEG (end overwritten with zeros), one with
+    a destroyed header and one whose frame names an undefined quantisation table (passes
+    the byte checks, fails every decoder); returns (root, keys of the corrupt samples)."""
     dest = tmp_path_factory.mktemp("corrupt") / "ds"
     shutil.copytree(small_ds, dest)
     lines = (dest / "shard-000002.idx").read_text().splitlines()[1:]
     tar = bytearray((dest / "shard-000002.tar").read_bytes())
     bad = set()
-    for sample, how in ((3, "tail"), (11, "head")):
+    for sample, how in ((3, "tail"), (11, "head"), (7, "quant")):
         offset, size, name = _members(lines[sample])["jpg"]
         if how == "tail":
             tar[offset + size // 2 : offset + size] = bytes(size - size // 2)
-        else:
+        elif how == "head":
             tar[offset : offset + 16] = b"this is not jpeg"
+        else:
+            sof = _find_marker(tar, offset, 0xC0)
+            tar[sof + 12] = 3  # first component's quantisation table selector
         bad.add(name.split(".", 1)[0])
     (dest / "shard-000002.tar").write_bytes(bytes(tar))
     return str(dest), bad

@@ -241,3 +241,16 @@ def test_s3_wrong_secret_fails_without_leaking_it(s3_server, s3_ds):
             World(),
         )
     assert secret not in str(info.value)
+
+
+@pytest.mark.parametrize("name", _params(READING))
+def test_yielded_batches_stay_valid(name, small_ds):
+    # Backends hand out views of their own buffers where that is safe (DALI's
+    # outputs go through DLPack without a copy): later steps must not overwrite them.
+    loader = build_loader(cfg_for(name, small_ds), World())
+    kept, copies = [], []
+    for b in loader:
+        kept.append(b.images)
+        copies.append(b.images.clone())
+    assert len({t.data_ptr() for t in kept}) == len(kept)
+    assert all(torch.equal(a, c) for a, c in zip(kept, copies, strict=True))

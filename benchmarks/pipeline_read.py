@@ -1,0 +1,373 @@
+"""pipeline: how fast each loader backend delivers training batches.
+
+Per dataset (the 500-photo ImageNet sample at 224 px with random-resized-crop
++ flip; CIFAR-10 train at 32 px with pad-crop + flip), packed once with
+``shard_tools.pack`` into --work-dir and uploaded to a SeaweedFS S3 server
+started for the run:
+
+* ``torch``: our torch backend (torchvision decode + v2 transforms in 2 worker
+  processes) -- THE baseline every other backend is compared with;
+* ``dali-cpu``: the same reader feeding DALI on the CPU (2 threads);
+* ``device-cache`` (CIFAR): decoded once into a uint8 tensor, augmented with
+  tensor ops;
+* ``synthetic``: random tensors, the ceiling;
+* ``wds-dataloader``: webdataset + PIL + DataLoader (what most users run);
+* ``dali-native-wds``: DALI's own ``readers.webdataset`` on the local files
+  with our graph: the alternative to our reader for local paths;
+* ``read``: the shards read whole (MB/s) and through our reader without decode
+  (img/s), local disk vs S3.
+
+Each timed repetition iterates --epochs full epochs of a loader built before
+the clock starts (warm-up repetition excluded). Goals on 2 cores:
+dali-cpu >= 1.5x torch on the ImageNet photos; S3 >= 0.8x local.
+Data come from SHARDFLOW_SHARED_DATA (default ../shared/data next to the
+repository); with --quick and no data, synthetic images stand in.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import benchmarks
+from benchmarks.harness import Measurement, measure
+
+WORKERS = 2
+
+
+def shared_data() -> Path:
+    default = Path(benchmarks.__file__).resolve().parents[2] / "shared" / "data"
+    return Path(os.environ.get("SHARDFLOW_SHARED_DATA", default))
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="where packed datasets are kept between runs (default: a temp dir, removed afterwards)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs per timed repetition (default: 4 ImageNet / 1 CIFAR; 1 with --quick)",
+    )
+    parser.add_argument(
+        "--cifar-limit",
+        type=int,
+        default=None,
+        help="CIFAR-10 train images to use (default: all 50,000; 5,000 with --quick)",
+    )
+    parser.add_argument("--no-s3", action="store_true", help="skip the S3 server measurements")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated datasets to run: imagenet,cifar"
+    )
+
+
+# -- data ------------------------------------------------------------------------
+def _imagenet_src(work: Path) -> str | None:
+    archive = shared_data() / "imagenet-sample-500.tar"
+    if not archive.exists():
+        return None
+    root = work / "src-imagenet"
+    table = root / "list.csv"
+    if not table.exists():
+        with tarfile.open(archive) as tf:
+            tf.extractall(root, filter="data")
+        with open(table, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label"])
+            for p in sorted(root.rglob("*.JPEG")):
+                w.writerow([str(p), p.name.split("_", 1)[0]])
+    return str(table)
+
+
+def _cifar_src(work: Path, limit: int | None) -> str | None:
+    archive = shared_data() / "cifar10-jpeg.tar.gz"
+    if not archive.exists():
+        return None
+    root = work / f"src-cifar-{limit or 'all'}"
+    done = root / ".done"
+    if not done.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        with tarfile.open(archive) as tf:
+            tf.extractall(root, filter="data")
+        train = next(p for p in [root, *root.iterdir()] if (p / "train").is_dir()) / "train"
+        if limit:
+            per_class = max(1, limit // 10)
+            for cls in train.iterdir():
+                for extra in sorted(cls.iterdir())[per_class:]:
+                    extra.unlink()
+        done.write_text(str(train))
+    return done.read_text()
+
+
+def _synth_src(work: Path, name: str, per_class: int, size: int) -> str:
+    from shard_tools.synth import make_image_folder
+
+    root = work / f"src-{name}"
+    if not root.exists():
+        make_image_folder(root, num_classes=10, per_class=per_class, size=size)
+    return str(root)
+
+
+def _packed(src: str, dest: Path, max_count: int) -> str:
+    from shard_tools.pack import PackConfig, pack
+
+    if not (dest / "manifest.json").exists():
+        shutil.rmtree(dest, ignore_errors=True)
+        pack(
+            PackConfig(src=src, dest=str(dest), max_count=max_count, workers=WORKERS),
+            progress=False,
+        )
+    return str(dest)
+
+
+def _datasets(args, work: Path) -> list[dict]:
+    quick = args.quick
+    limit = args.cifar_limit or (5000 if quick else None)
+    out = []
+    only = set(args.only.split(",")) if args.only else {"imagenet", "cifar"}
+    if "imagenet" in only:
+        src = _imagenet_src(work)
+        if src is None and quick:
+            src = _synth_src(work, "photo-like", 50, 400)
+        if src is None:
+            raise SystemExit(
+                "imagenet-sample-500.tar not found (set SHARDFLOW_SHARED_DATA or use --quick)"
+            )
+        out.append(dict(name="imagenet", root=_packed(src, work / "imagenet", 100), batch=64,
+                        image_size=224, recipe="imagenet", epochs=args.epochs or (1 if quick else 4)))  # fmt: skip
+    if "cifar" in only:
+        src = _cifar_src(work, limit)
+        if src is None and quick:
+            src = _synth_src(work, "cifar-like", 500, 32)
+        if src is None:
+            raise SystemExit(
+                "cifar10-jpeg.tar.gz not found (set SHARDFLOW_SHARED_DATA or use --quick)"
+            )
+        out.append(dict(name="cifar", root=_packed(src, work / f"cifar-{limit or 'all'}", 5000),
+                        batch=256, image_size=32, recipe="small", epochs=args.epochs or 1))  # fmt: skip
+    return out
+
+
+# -- runners ---------------------------------------------------------------------
+def _loader_run(cfg, epochs: int):
+    from pipeline import World, build_loader
+
+    loader = build_loader(cfg, World())
+    state = {"epoch": 0}
+
+    def run() -> int:
+        done = 0
+        for _ in range(epochs):
+            loader.set_epoch(state["epoch"])
+            state["epoch"] += 1
+            for batch in loader:
+                done += len(batch)
+        return done
+
+    return loader, run
+
+
+def _items(root: str, batch: int, epochs: int, storage_options=None) -> int:
+    from shard_tools.manifest import read_manifest
+
+    n = read_manifest(root, storage_options).samples
+    return -(-n // batch) * batch * epochs
+
+
+def _wds_run(ds: dict, epochs: int):
+    from benchmarks.baselines import webdataset_loader
+
+    urls = sorted(str(p) for p in Path(ds["root"]).glob("shard-*.tar"))
+
+    def run() -> int:
+        done = 0
+        for _ in range(epochs):
+            for images, _labels in webdataset_loader(urls, batch_size=ds["batch"], image_size=ds["image_size"], num_workers=WORKERS):  # fmt: skip
+                done += len(images)
+        return done
+
+    return run
+
+
+def _dali_native_run(ds: dict, epochs: int):
+    """DALI's readers.webdataset over the local shards + our graph (the alternative reader)."""
+    from nvidia.dali import Pipeline, fn
+
+    from pipeline import LoaderConfig
+    from pipeline.dali_graph import build_graph
+
+    cfg = LoaderConfig(data=ds["root"], backend="dali-cpu", batch_size=ds["batch"],
+                       image_size=ds["image_size"], recipe=ds["recipe"], num_threads=WORKERS)  # fmt: skip
+    tars = sorted(str(p) for p in Path(ds["root"]).glob("shard-*.tar"))
+    pipe = Pipeline(
+        batch_size=ds["batch"], num_threads=WORKERS, device_id=None, seed=0, prefetch_queue_depth=2
+    )
+    with pipe:
+        jpg, _cls = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars],
+                                          ext=["jpg", "cls"], random_shuffle=True, initial_fill=1024,
+                                          name="reader", missing_component_behavior="error")  # fmt: skip
+        pipe.set_outputs(build_graph(jpg, cfg, "cpu"))
+    pipe.build()
+    steps = -(-pipe.epoch_size("reader") // ds["batch"])
+
+    def run() -> int:
+        import torch
+
+        done = 0
+        for _ in range(epochs * steps):
+            (out,) = pipe.run()
+            done += torch.from_dlpack(out.as_tensor()).shape[0]
+        return done
+
+    return run
+
+
+def _raw_read(root: str, storage_options=None):
+    """All shards read whole, WORKERS at a time: MB per repetition."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline import LoaderConfig
+    from pipeline.storage import Dataset
+
+    ds = Dataset.open(LoaderConfig(data=root, batch_size=1, storage_options=storage_options))
+    mb = ds.manifest.bytes / 1e6
+
+    def run() -> float:
+        with ThreadPoolExecutor(WORKERS) as pool:
+            total = sum(len(b) for b in pool.map(ds.read_bytes, range(len(ds.manifest.shards))))
+        return total / 1e6
+
+    return mb, run
+
+
+def _reader_only(cfg, epochs: int):
+    """Our reader (ranged reads, sanity checks, shuffle order) without decoding."""
+    from pipeline import World, build_loader
+    from pipeline.loader import Job
+    from pipeline.reader import encoded_batches
+
+    loader = build_loader(cfg, World())
+    state = {"epoch": 0}
+
+    def run() -> int:
+        done = 0
+        for _ in range(epochs):
+            loader.set_epoch(state["epoch"])
+            state["epoch"] += 1
+            job = Job(cfg=cfg, world=loader.world, epoch=loader.epoch, plan=loader.plan(), start=0,
+                      dataset=loader.dataset, device=loader.device)  # fmt: skip
+            for enc in encoded_batches(job):
+                done += len(enc.keys)
+        return done
+
+    return run
+
+
+# -- the suite -------------------------------------------------------------------
+def _measure_dataset(ds: dict, s3, repeats: int, notes: dict) -> list[Measurement]:
+    from pipeline import LoaderConfig
+
+    name, epochs = ds["name"], ds["epochs"]
+    common = dict(batch_size=ds["batch"], image_size=ds["image_size"], recipe=ds["recipe"],
+                  num_workers=WORKERS, num_threads=WORKERS, seed=0)  # fmt: skip
+    out: list[Measurement] = []
+    base = f"torch/{name}/local"
+    roots = {"local": (ds["root"], None)}
+    if s3 is not None:
+        roots["s3"] = s3
+    items = _items(ds["root"], ds["batch"], epochs)
+
+    def timed(label: str, run, *, baseline=base, unit="img/s", n=items, params=None):
+        out.append(
+            measure(
+                label,
+                run,
+                items=n,
+                unit=unit,
+                repeats=repeats,
+                baseline=baseline,
+                params=params or {},
+            )
+        )
+
+    for where, (root, opts) in roots.items():
+        backends = ["torch", "dali-cpu"] + (["device-cache"] if ds["recipe"] == "small" else [])
+        for backend in backends:
+            kw = (
+                dict(backend="torch", cache="device")
+                if backend == "device-cache"
+                else dict(backend=backend)
+            )
+            cfg = LoaderConfig(data=root, storage_options=opts, **common, **kw)
+            loader, run = _loader_run(cfg, epochs)
+            label = f"{backend}/{name}/{where}"
+            timed(label, run, baseline=None if label == base else base)
+            loader.close()
+            if where == "s3":
+                out[-1].baseline = f"{backend}/{name}/local"
+        rmb, rrun = _raw_read(root, opts)
+        timed(f"read-whole-shards/{name}/{where}", rrun, unit="MB/s", n=rmb,
+              baseline=None if where == "local" else f"read-whole-shards/{name}/local")  # fmt: skip
+        rcfg = LoaderConfig(data=root, storage_options=opts, **common, backend="torch")
+        timed(f"reader-no-decode/{name}/{where}", _reader_only(rcfg, epochs),
+              baseline=None if where == "local" else f"reader-no-decode/{name}/local")  # fmt: skip
+    cfg = LoaderConfig(backend="synthetic", synthetic_samples=items // epochs, **common)
+    loader, run = _loader_run(cfg, epochs)
+    timed(f"synthetic/{name}", run)
+    timed(f"wds-dataloader/{name}/local", _wds_run(ds, epochs))
+    try:
+        timed(f"dali-native-wds/{name}/local", _dali_native_run(ds, epochs))
+    except ImportError:
+        notes[f"dali-native-wds/{name}"] = "DALI not installed"
+    return out
+
+
+def run(args) -> tuple[list[Measurement], dict]:
+    tmp = None
+    if args.work_dir:
+        work = Path(args.work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.mkdtemp(prefix="shardflow-pipeline-bench-")
+        work = Path(tmp)
+    notes: dict = {
+        "setup": f"{WORKERS} torch workers / {WORKERS} DALI threads, fp32 NCHW channels_last out, "
+        "train augmentation (ImageNet: random-resized-crop 224 + flip; CIFAR: pad 4 + crop 32 + flip)",
+        "local reads": "local shards are in the page cache after the warm-up repetition",
+    }
+    server = None
+    try:
+        datasets = _datasets(args, work)
+        if not args.no_s3:
+            from shard_tools import s3_server
+
+            server = s3_server.start(work / "s3", bucket="bench")
+            import fsspec
+
+            fs = fsspec.filesystem("s3", **server.storage_options())
+            prefix = f"bench/run-{int(time.time())}"
+        out: list[Measurement] = []
+        for ds in datasets:
+            s3 = None
+            if server is not None:
+                url = f"s3://{prefix}/{ds['name']}"
+                fs.put(ds["root"].rstrip("/") + "/", url, recursive=True)
+                s3 = (url, server.storage_options())
+            print(f"-- {ds['name']}: {ds['root']}", flush=True)
+            out += _measure_dataset(ds, s3, args.repeats, notes)
+        return out, notes
+    finally:
+        if server is not None:
+            from shard_tools import s3_server
+
+            s3_server.stop(server)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)

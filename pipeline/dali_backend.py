@@ -99,8 +99,16 @@ class DaliBackend:
         in_flight: deque = deque()  # batches fed to DALI whose outputs are not out yet
         replay: deque = deque()  # checked batches to feed again after a decoder error
 
+        reader_errors: list[BaseException] = []
+
         def feed():
-            enc = replay.popleft() if replay else next(source)  # StopIteration ends DALI's epoch
+            try:
+                enc = replay.popleft() if replay else next(source)
+            except StopIteration:  # ends DALI's epoch
+                raise
+            except Exception as exc:  # DALI would wrap it; keep the reader's own message
+                reader_errors.append(exc)
+                raise
             in_flight.append(enc)
             return [np.frombuffer(img, dtype=np.uint8) for img in enc.images]
 
@@ -111,7 +119,11 @@ class DaliBackend:
             while step < job.plan.steps:
                 try:
                     (out,) = pipe.run()
-                except RuntimeError as exc:
+                except (RuntimeError, StopIteration) as exc:
+                    if reader_errors:  # a shard could not be read: not a decoding problem
+                        raise reader_errors[0] from None
+                    if isinstance(exc, StopIteration):
+                        raise RuntimeError(f"DALI ended the epoch early, at step {step}") from None
                     # A decoder error poisons the whole pipeline. Rebuild it and feed the
                     # batches that were in flight again, after a full decode check that
                     # swaps out the undecodable images; a second error at the same step
@@ -121,7 +133,7 @@ class DaliBackend:
                     failed_at = step
                     log.warning("DALI failed at step %d (%s); checking the batches in flight",
                                 step, str(exc).strip().splitlines()[-1])  # fmt: skip
-                    del pipe
+                    pipe = None
                     redo = [full_decode_check(enc) for enc in in_flight] + list(replay)
                     in_flight.clear()
                     replay.clear()
@@ -134,7 +146,7 @@ class DaliBackend:
                 yield Batch(images, labels, enc.keys, enc.skipped)
                 step += 1
         finally:
-            del pipe
+            pipe = None
             source.close()
 
     def close(self) -> None:

@@ -8,7 +8,9 @@ forked), which decodes and augments it with the torch RNG seeded from
 memory. Results are consumed in submission order, so the output does not
 depend on worker timing, and a resumed loader reproduces the same images.
 Normalisation to float happens in the main process: shipping uint8 is 4x
-less data than float32.
+less data than float32. As with any spawn/forkserver start method, a script
+that builds this backend with ``num_workers > 0`` needs the usual
+``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations

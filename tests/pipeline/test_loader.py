@@ -254,3 +254,18 @@ def test_yielded_batches_stay_valid(name, small_ds):
         copies.append(b.images.clone())
     assert len({t.data_ptr() for t in kept}) == len(kept)
     assert all(torch.equal(a, c) for a, c in zip(kept, copies, strict=True))
+
+
+@pytest.mark.parametrize("name", _params(READING))
+def test_missing_shard_stops_with_its_name(name, small_ds, tmp_path):
+    import shutil
+
+    from pipeline.storage import ShardReadError
+
+    root = tmp_path / "ds"
+    shutil.copytree(small_ds, root)
+    (root / "shard-000004.tar").unlink()
+    loader = build_loader(cfg_for(name, str(root), retries=1, retry_backoff_s=0), World())
+    with pytest.raises(ShardReadError, match=r"shard-000004\.tar"):
+        for _ in loader:
+            pass

@@ -15,6 +15,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -180,8 +181,10 @@ def _progress_bar(total: int, initial: int, enabled: bool):
         return None
     from tqdm import tqdm
 
+    # A pseudo-terminal may report 0 columns, which would draw an empty bar.
+    ncols = shutil.get_terminal_size().columns or 100
     return tqdm(
-        total=total, initial=initial, unit="img", dynamic_ncols=True, file=sys.stderr, smoothing=0.1
+        total=total, initial=initial, unit="img", ncols=ncols, file=sys.stderr, smoothing=0.1
     )
 
 
@@ -204,6 +207,10 @@ def pack(
     one-line reason when the pack cannot be done.
     """
     t0 = time.perf_counter()
+    if config.executor != "local":
+        raise PackError(
+            f"--executor {config.executor} is not available in this version; use --executor local"
+        )
     dest = Destination(config.dest, storage_options)
     if dest.exists(MANIFEST_NAME):
         raise PackError(
@@ -224,12 +231,7 @@ def pack(
         )
     done = resume.begin(dest, _fingerprint(config, source), resume=config.resume)
     tail: list[tuple[str, str]] = []
-    if config.executor == "ray":
-        from shard_tools.ray_exec import pack_with_ray
-
-        entries = pack_with_ray(config, source, dest, done, storage_options)
-    else:
-        entries = done + _write_shards(config, source, dest, done, storage_options, progress, tail)
+    entries = done + _write_shards(config, source, dest, done, storage_options, progress, tail)
     return _finish(config, source, dest, entries, tail, len(done), time.perf_counter() - t0)
 
 

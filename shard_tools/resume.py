@@ -33,6 +33,19 @@ def _dump(obj: Any) -> bytes:
     return (json.dumps(obj, sort_keys=True, indent=1) + "\n").encode("utf-8")
 
 
+def _load(dest: Destination, name: str) -> Any:
+    """A journal file's content; None if it is missing or unreadable.
+
+    Journal files are not fsync'ed (they are hints, checked against the
+    shards' hashes), so after a power loss one may be empty or cut short:
+    that only means less work is kept.
+    """
+    try:
+        return json.loads(dest.read_bytes(name))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def entry_name(shard_name: str) -> str:
     return f"{JOURNAL_DIR}/{shard_name.rsplit('.', 1)[0]}.json"
 
@@ -65,17 +78,14 @@ def begin(dest: Destination, fingerprint: dict[str, Any], *, resume: bool) -> li
                 "rerun with --resume, or choose an empty destination"
             )
         dest.makedirs()
-        dest.write_bytes(OPTIONS_NAME, _dump(fingerprint))
+        dest.write_bytes(OPTIONS_NAME, _dump(fingerprint), durable=False)
         return []
-    try:
-        recorded = json.loads(dest.read_bytes(OPTIONS_NAME))
-    except FileNotFoundError:
-        recorded = None
+    recorded = _load(dest, OPTIONS_NAME)
     if recorded is None:
-        # Nothing was journaled: start over (shard files left without a
+        # Nothing (readable) was journaled: start over (shard files left without a
         # journal entry are rewritten with the same names).
         dest.makedirs()
-        dest.write_bytes(OPTIONS_NAME, _dump(fingerprint))
+        dest.write_bytes(OPTIONS_NAME, _dump(fingerprint), durable=False)
         return []
     if recorded != fingerprint:
         changed = sorted(
@@ -92,7 +102,9 @@ def begin(dest: Destination, fingerprint: dict[str, Any], *, resume: bool) -> li
         entry_file = entry_name(shard).split("/", 1)[1]
         if entry_file not in names:
             break
-        entry = json.loads(dest.read_bytes(entry_name(shard)))
+        entry = _load(dest, entry_name(shard))
+        if entry is None:
+            break
         if file_sha256(dest, entry["name"]) != entry["sha256"]:
             break
         if file_sha256(dest, entry["index"]) != entry["index_sha256"]:
@@ -103,7 +115,7 @@ def begin(dest: Destination, fingerprint: dict[str, Any], *, resume: bool) -> li
 
 def record(dest: Destination, entry: dict[str, Any]) -> None:
     """Journal one finished shard (after the shard and its index are in place)."""
-    dest.write_bytes(entry_name(entry["name"]), _dump(entry))
+    dest.write_bytes(entry_name(entry["name"]), _dump(entry), durable=False)
 
 
 def clear(dest: Destination) -> None:

@@ -89,8 +89,13 @@ class Destination:
             self.fs.makedirs(self.root, exist_ok=True)
 
     @contextlib.contextmanager
-    def atomic_writer(self, name: str) -> Iterator[BinaryIO]:
-        """Yield a binary sink; NAME appears only if the block exits normally."""
+    def atomic_writer(self, name: str, *, durable: bool = True) -> Iterator[BinaryIO]:
+        """Yield a binary sink; NAME appears only if the block exits normally.
+
+        DURABLE (local files): fsync before the rename, so that after a power
+        loss the name holds the whole file or nothing. Files that are only
+        hints (the resume journal) skip it.
+        """
         final = self.path(name)
         if self.is_s3:
             f = self.fs.open(final, "wb", block_size=_BLOCK_SIZE)
@@ -109,7 +114,8 @@ class Destination:
             try:
                 yield f
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             except BaseException:
                 f.close()
                 with contextlib.suppress(OSError):
@@ -123,8 +129,8 @@ class Destination:
             yield f
         self.fs.mv(tmp, final)
 
-    def write_bytes(self, name: str, data: bytes) -> None:
-        with self.atomic_writer(name) as f:
+    def write_bytes(self, name: str, data: bytes, *, durable: bool = True) -> None:
+        with self.atomic_writer(name, durable=durable) as f:
             f.write(data)
 
     def remove(self, name: str) -> None:

@@ -80,7 +80,9 @@ def test_sigkill_then_resume_is_byte_identical(src, reference, tmp_path, case):
     )
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
-    assert summary["resumed_shards"] == finished
+    # The last shard may be in place without its journal entry yet (killed while
+    # it was being published): it is then rewritten, with the same bytes.
+    assert finished - 1 <= summary["resumed_shards"] <= finished
     assert tree_digest(dest) == reference
 
 

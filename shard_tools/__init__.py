@@ -1,3 +1,24 @@
-"""shard_tools: the write side of shardflow (pack, verify, inspect, index)."""
+"""shard_tools: the write side of shardflow (pack, verify, inspect, index).
+
+``shard pack SRC DEST`` writes, in DEST (a folder or any fsspec URL):
+
+- ``shard-NNNNNN.tar``: webdataset samples ``<key>.<ext>`` (the image),
+  ``<key>.cls`` (the integer label in ASCII) and ``<key>.json`` (source,
+  label, class, width, height, and any extra manifest columns under
+  ``extra``). The key is the zero-padded position of the input in pack order
+  (``0000000042``): unique, stable, sorting in pack order; rejected inputs
+  leave gaps. Tar headers are fixed (mtime 0, uid/gid 0, no user names, mode
+  0644, ustar), so the same input and options give the same bytes with any
+  ``--workers``, after ``--resume``, and on any storage;
+- ``shard-NNNNNN.idx``: DALI's webdataset index (v1.2, as ``wds2idx``
+  writes it), built from the offsets the writer knows;
+- ``rejected.jsonl``: ``{"path", "reason"}`` per input not packed;
+- ``manifest.json`` (``shard_tools.manifest``), written last: the commit marker.
+
+Design notes live with the code: what is kept or converted
+(``validate``), how writes are made all-or-nothing on local disks and object
+stores (``storage``), how an interrupted pack resumes (``resume``), and why
+worker processes come from a fork server (``pack``).
+"""
 
 __version__ = "0.1.0"

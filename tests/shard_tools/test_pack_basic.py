@@ -31,3 +31,25 @@ def test_pack_folder_round_trip(tmp_path):
         assert int(sample["cls"]) == m.classes[meta["class"]] == meta["label"]
         seen.append(meta["source"])
     assert seen == [str(f.relative_to(src)) for f in files]
+
+
+def test_pack_to_memory_filesystem(small_src):
+    import fsspec
+
+    from shard_tools.verify import verify
+
+    dest = "memory://packs/basic"
+    m = pack(
+        PackConfig(src=str(small_src), dest=dest, max_count=16, workers=2), progress=False
+    ).manifest
+    fs = fsspec.filesystem("memory")
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.find("/packs/basic"))
+    assert names == [
+        "manifest.json",
+        "rejected.jsonl",
+        "shard-000000.idx",
+        "shard-000000.tar",
+        "shard-000001.idx",
+        "shard-000001.tar",
+    ]
+    assert m.samples == 30 and verify(dest).ok

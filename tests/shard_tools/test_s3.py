@@ -70,3 +70,29 @@ def test_interrupted_s3_upload_leaves_no_object(s3_server, s3_prefix):
     assert not dest.exists("shard-000000.tar")
     dest.write_bytes("small.bin", b"abc")
     assert dest.read_bytes("small.bin") == b"abc"
+
+
+def test_endpoint_url_option_with_credentials_from_env(
+    small_src, s3_server, s3_prefix, monkeypatch, capsys
+):
+    import s3fs
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    argv = [
+        "pack",
+        str(small_src),
+        s3_prefix,
+        "--endpoint-url",
+        s3_server.endpoint_url,
+        "--workers",
+        "2",
+    ]
+    assert main(argv) == 0
+    assert main(["verify", s3_prefix, "--endpoint-url", s3_server.endpoint_url]) == 0
+    out, err = capsys.readouterr()
+    assert s3_server.secret_key not in out + err

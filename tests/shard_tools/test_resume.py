@@ -161,3 +161,47 @@ def test_corrupt_finished_shard_is_rewritten_on_resume(src, tmp_path):
     result = pack(PackConfig(**cfg, resume=True), progress=False)
     assert result.resumed_shards == 1
     assert tree_digest(dest) == reference
+
+
+# Sends SIGINT to the whole process group (what Ctrl-C in a terminal does)
+# once the packer has received INTERRUPT_AT results from its worker pool.
+INTERRUPTER = """
+import os, signal, sys
+from shard_tools import cli, pack
+# A terminal's foreground job has Python's Ctrl-C handler; a background test
+# runner may have started us with SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+interrupt_at = int(sys.argv[1])
+real = pack.ordered_results
+def ordered_results(*args, **kwargs):
+    for n, result in enumerate(real(*args, **kwargs)):
+        if n == interrupt_at:
+            os.killpg(os.getpgrp(), signal.SIGINT)
+        yield result
+pack.ordered_results = ordered_results
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(src, tmp_path):
+    dest = tmp_path / "out"
+    ref_dest = tmp_path / "ref"
+    pack(PackConfig(src=str(src), dest=str(ref_dest), max_count=2, workers=1), progress=False)
+    args = ["pack", str(src), str(dest), "--max-count", "2", "--workers", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERRUPTER, "25", *args],
+        start_new_session=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("shard pack: interrupted")
+    assert "Traceback" not in proc.stderr
+    assert not (dest / MANIFEST_NAME).exists()
+    assert not list((dest / ".tmp").glob("*.tar"))  # the shard being written was removed
+    pack(
+        PackConfig(src=str(src), dest=str(dest), max_count=2, workers=2, resume=True),
+        progress=False,
+    )
+    assert tree_digest(dest) == tree_digest(ref_dest)

@@ -120,7 +120,7 @@ def _version(module: str) -> str | None:
 def environment() -> dict[str, Any]:
     """Versions, CPU and GPU of the machine a result was measured on."""
     env: dict[str, Any] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "git_sha": git_sha(),
         "python": platform.python_version(),
         "platform": platform.platform(),

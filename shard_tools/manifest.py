@@ -95,7 +95,9 @@ class Manifest:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ManifestError(f"{source} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+            raise ManifestError(
+                f"{source} is not valid JSON ({exc.msg} at line {exc.lineno})"
+            ) from None
         if not isinstance(data, dict):
             raise ManifestError(f"{source} must hold a JSON object")
         version = data.get("format_version")

@@ -18,11 +18,14 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+from PIL import Image
 
 from shard_tools import __version__, resume, validate
 from shard_tools.config import PackConfig
@@ -106,9 +109,16 @@ def ordered_results(
 ) -> Iterator[validate.Result]:
     """Process ITEMS[START:] and yield results in input order, with bounded memory."""
     if workers <= 1:
-        validate.init_worker()
-        for pos in range(start, len(items)):
-            yield validate.process(pos, items[pos], opts)
+        # In this process: change PIL's global settings only while packing.
+        previous = validate.configure_pil()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                for pos in range(start, len(items)):
+                    yield validate.process(pos, items[pos], opts)
+        finally:
+            validate.close_handles()
+            validate.restore_pil(previous)
         return
     ex = ProcessPoolExecutor(
         max_workers=workers,

@@ -70,10 +70,22 @@ Result = tuple[int, int | None, Any]
 _TAR_HANDLES: dict[str, Any] = {}
 
 
-def init_worker(environ: dict[str, str] | None = None, packer_pid: int | None = None) -> None:
-    """Set up a worker process.
+def configure_pil() -> tuple[Any, bool]:
+    """Our PIL settings (we check pixel counts ourselves and never load
+    truncated data); returns the previous ones for :func:`restore_pil`."""
+    previous = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
+    Image.MAX_IMAGE_PIXELS = None
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    return previous
 
-    PIL: we check pixel counts ourselves and never load truncated data.
+
+def restore_pil(previous: tuple[Any, bool]) -> None:
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def init_worker(environ: dict[str, str] | None = None, packer_pid: int | None = None) -> None:
+    """Set up a pool worker process.
+
     ENVIRON is the parent's environment at pool start: a fork-server child
     would otherwise see the environment of the moment the server started
     (stale AWS_* variables, for instance). PACKER_PID: exit when the packer
@@ -85,8 +97,7 @@ def init_worker(environ: dict[str, str] | None = None, packer_pid: int | None = 
     if environ is not None and environ != os.environ:
         os.environ.clear()
         os.environ.update(environ)
-    Image.MAX_IMAGE_PIXELS = None
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    configure_pil()
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     if packer_pid is not None:
         threading.Thread(target=_exit_without, args=(packer_pid, os.getppid()), daemon=True).start()
@@ -107,6 +118,13 @@ def _exit_without(packer_pid: int, parent_pid: int) -> None:
 
 # Where bytes came from when that was a local file: (path, offset, (st_size, st_mtime_ns)).
 Origin = tuple[str, int, tuple[int, int]] | None
+
+
+def close_handles() -> None:
+    """Close the tar files this process keeps open between samples."""
+    for f in _TAR_HANDLES.values():
+        f.close()
+    _TAR_HANDLES.clear()
 
 
 def _local_tar(path: str):

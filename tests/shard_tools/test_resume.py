@@ -130,37 +130,37 @@ def test_sigkill_with_worker_processes(src, reference, tmp_path):
     assert tree_digest(dest) == reference3
 
 
+# Runs `shard pack` and SIGKILLs it after every shard is published, just
+# before rejected.jsonl and the manifest are written.
+KILL_BEFORE_MANIFEST = """
+import os, signal, sys
+from shard_tools import cli, pack
+pack._finish = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def test_corrupt_finished_shard_is_rewritten_on_resume(src, tmp_path):
+    ref_dest = tmp_path / "ref"
+    pack(PackConfig(src=str(src), dest=str(ref_dest), max_count=10, workers=1), progress=False)
     dest = tmp_path / "out"
-    cfg = dict(src=str(src), dest=str(dest), max_count=10, workers=1)
-    pack(PackConfig(**cfg), progress=False)
-    reference = tree_digest(dest)
-    # Turn the finished pack back into an interrupted one with a damaged shard 1.
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            KILLER,
-            "45",
-            "pack",
-            str(src),
-            str(tmp_path / "j"),
-            "--max-count",
-            "10",
-            "--workers",
-            "1",
-        ]
+    args = ["pack", str(src), str(dest), "--max-count", "10", "--workers", "1"]
+    proc = subprocess.run([sys.executable, "-c", KILL_BEFORE_MANIFEST, *args], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert (
+        len(list((dest / ".journal").glob("shard-*.json")))
+        == len(list(ref_dest.glob("*.tar")))
+        == 6
     )
-    (dest / MANIFEST_NAME).unlink()
-    (dest / ".journal").mkdir()
-    for entry in sorted((tmp_path / "j" / ".journal").iterdir()):
-        (dest / ".journal" / entry.name).write_bytes(entry.read_bytes())
     data = bytearray((dest / "shard-000001.tar").read_bytes())
     data[700] ^= 0xFF
     (dest / "shard-000001.tar").write_bytes(bytes(data))
-    result = pack(PackConfig(**cfg, resume=True), progress=False)
+    result = pack(
+        PackConfig(src=str(src), dest=str(dest), max_count=10, workers=1, resume=True),
+        progress=False,
+    )
     assert result.resumed_shards == 1
-    assert tree_digest(dest) == reference
+    assert tree_digest(dest) == tree_digest(ref_dest)
 
 
 # Sends SIGINT to the whole process group (what Ctrl-C in a terminal does)

@@ -17,7 +17,8 @@ orientation is kept as metadata and not applied.
 
 Validation opens the header, refuses images above ``max_pixels`` before
 allocating them (decompression bombs), then decodes every pixel.
-``--no-validate`` skips only that full decode.
+``--no-validate`` skips only that full decode (and, for large local files,
+reads just the header: the writer reads the bytes once, by reference).
 """
 
 from __future__ import annotations
@@ -185,24 +186,31 @@ def _encode(img: Image.Image, fmt: str, quality: int) -> bytes:
     return out.getvalue()
 
 
-def image_member(data: bytes, opts: WorkerOptions) -> tuple[str, bytes, int, int]:
-    """Validate (and maybe convert) one image: (ext, bytes, width, height) or Rejected."""
-    if not data:
-        raise Rejected("empty file (0 bytes)")
+def open_header(fp: Any, opts: WorkerOptions) -> Image.Image:
+    """Open an image's header and check its format and pixel count (nothing decoded yet)."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(fp)
     except UnidentifiedImageError:
         raise Rejected("not an image (unrecognised format)") from None
     except Exception as exc:  # PIL raises many types on hostile headers
         raise Rejected(f"undecodable header: {type(exc).__name__}: {exc}") from None
-    fmt = img.format
-    if fmt not in EXT_OF:
-        raise Rejected(f"unsupported format {fmt} (packable: JPEG, PNG, WebP)")
+    if img.format not in EXT_OF:
+        raise Rejected(f"unsupported format {img.format} (packable: JPEG, PNG, WebP)")
     width, height = img.size
     if width * height > opts.max_pixels:
         raise Rejected(
             f"decompression bomb: {width}x{height} = {width * height} pixels > --max-pixels {opts.max_pixels}"
         )
+    return img
+
+
+def image_member(data: bytes, opts: WorkerOptions) -> tuple[str, bytes, int, int]:
+    """Validate (and maybe convert) one image: (ext, bytes, width, height) or Rejected."""
+    if not data:
+        raise Rejected("empty file (0 bytes)")
+    img = open_header(io.BytesIO(data), opts)
+    fmt = img.format
+    width, height = img.size
     if not opts.validate:
         return EXT_OF[fmt], data, width, height
     try:
@@ -225,11 +233,36 @@ def image_member(data: bytes, opts: WorkerOptions) -> tuple[str, bytes, int, int
     return EXT_OF[target], _encode(img, target, opts.quality), img.width, img.height
 
 
+def _header_only(ref: str | TarRef, opts: WorkerOptions) -> tuple[str, int, int, FileRef] | None:
+    """--no-validate on a large local file: read its header only, and let the writer
+    read the bytes (once) by reference. None where this does not apply."""
+    if not isinstance(ref, str) or "://" in ref:
+        return None
+    try:
+        with open(ref, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_size < BY_REFERENCE_MIN_BYTES:
+                return None
+            img = open_header(f, opts)
+            stamp = (st.st_size, st.st_mtime_ns)
+            return EXT_OF[img.format], img.width, img.height, FileRef(ref, 0, st.st_size, stamp)
+    except OSError:
+        return None  # the full read reports it with the usual reasons
+
+
 def process(pos: int, item: Item, opts: WorkerOptions) -> Result:
     """Turn one input into its tar members, or into a rejection reason."""
+    file_ref = None
     try:
-        data, origin = read_bytes(item.ref, opts.storage_options)
-        ext, payload, width, height = image_member(data, opts)
+        header_only = None if opts.validate else _header_only(item.ref, opts)
+        if header_only is not None:
+            ext, width, height, file_ref = header_only
+            payload = b""  # the writer reads the file itself
+        else:
+            data, origin = read_bytes(item.ref, opts.storage_options)
+            ext, payload, width, height = image_member(data, opts)
+            if origin is not None and payload is data and len(data) >= BY_REFERENCE_MIN_BYTES:
+                file_ref = FileRef(origin[0], origin[1], len(data), origin[2])
     except Rejected as exc:
         return pos, None, str(exc)
     meta: dict[str, Any] = {
@@ -247,9 +280,6 @@ def process(pos: int, item: Item, opts: WorkerOptions) -> Result:
         ("cls", str(item.label).encode("ascii")),
         ("json", text.encode("utf-8")),
     ]
-    file_ref = None
-    if origin is not None and payload is data and len(data) >= BY_REFERENCE_MIN_BYTES:
-        file_ref = FileRef(origin[0], origin[1], len(data), origin[2])
     return pos, item.label, sample_chunk(f"{pos:010d}", members, file_ref=file_ref)
 
 

@@ -72,3 +72,15 @@ def test_tar_chunk_with_file_ref_equals_inline(tmp_path):
     w2.add_chunk(sample_chunk("0000000007", [("jpg", b""), ("cls", b"1")], file_ref=ref))
     assert (w1.finish(), w1.sha256) == (w2.finish(), w2.sha256)
     assert inline.getvalue() == by_ref.getvalue()
+
+
+def test_no_validate_writes_the_same_shards(big_src, tmp_path):
+    digests = []
+    for validate in (True, False):
+        dest = tmp_path / f"v{validate}"
+        m = pack(
+            PackConfig(src=str(big_src), dest=str(dest), validate=validate, workers=2),
+            progress=False,
+        ).manifest
+        digests.append([(s.name, s.sha256) for s in m.shards])
+    assert digests[0] == digests[1]

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown and known.suite != "all":
             sub.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.quick = known.quick
+        args.out = known.out
         args.repeats = known.repeats or (1 if known.quick else 3)
         print(f"== {name}{' (quick)' if known.quick else ''}", flush=True)
         measurements, notes = module.run(args)

@@ -22,6 +22,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -330,6 +331,10 @@ def _write_shards(
             shard.abort(exc)
         if isinstance(exc, ChangedFileError):
             raise PackError(f"{exc}; rerun with --resume once the input is stable") from None
+        if isinstance(exc, BrokenProcessPool):
+            raise PackError(
+                "a worker process died (killed, or out of memory?); rerun with --resume"
+            ) from None
         raise
     finally:
         # Shards already handed over are whole: let their publishing finish

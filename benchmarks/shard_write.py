@@ -204,7 +204,8 @@ def _measure_dataset(
 def run(args) -> tuple[list[Measurement], dict]:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="shard-write-"))
     work.mkdir(parents=True, exist_ok=True)
-    notes: dict = {}
+    # Other processes on the machine skew every figure here: record how busy it was.
+    notes: dict = {"load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
     try:
         limit = args.cifar_limit or (5000 if args.quick else None)
         datasets = []
@@ -236,6 +237,7 @@ def run(args) -> tuple[list[Measurement], dict]:
             ):
                 ratio = by[f"{name}/{x}"].median / by[f"{name}/{base}"].median
                 notes[f"{name} {x[0]}/{base[0]}"] = round(ratio, 3)
+        notes["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
         notes["goals"] = "b/a >= 1.0, d/c >= 0.9 (2 workers on 2 cores)"
         notes["timing"] = json.dumps(
             {"warmup": 1, "repeats": args.repeats, "includes": "process start-up"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 import resource
@@ -29,11 +30,14 @@ def git_sha() -> str:
         return "unknown"
 
 
-def _version(module: str) -> str | None:
-    try:
-        return getattr(__import__(module, fromlist=["__version__"]), "__version__", "unknown")
-    except Exception:  # an optional package that is absent or broken is just "not there"
-        return None
+def _version(dist_prefix: str) -> str | None:
+    """Installed version of the first distribution named DIST_PREFIX*, without importing it
+    (importing DALI or torchvision only to read a version costs seconds at start-up)."""
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name == dist_prefix or name.startswith(dist_prefix + "-"):
+            return dist.version
+    return None
 
 
 def environment(device: torch.device, world_size: int, backend: str) -> dict[str, Any]:
@@ -44,7 +48,7 @@ def environment(device: torch.device, world_size: int, backend: str) -> dict[str
         "platform": platform.platform(),
         "torch": torch.__version__,
         "torchvision": _version("torchvision"),
-        "dali": _version("nvidia.dali"),
+        "dali": _version("nvidia-dali"),
         "device": str(device),
         "world_size": world_size,
         "dist_backend": backend,

@@ -91,9 +91,14 @@ def test_resume_auto_of_a_finished_run_does_nothing(finished_run, tiny_train, ti
     assert "resumed from" in proc.stdout and "train: done: 10 steps" in proc.stdout
 
 
-def test_killed_run_resumes_exactly(tiny_train, tmp_path):
+@pytest.mark.parametrize(
+    "backend",
+    ["torch", pytest.param("dali-cpu", marks=pytest.mark.dali)],
+)
+def test_killed_run_resumes_exactly(tiny_train, tmp_path, backend):
     """One process: SIGKILL after step 7 (checkpoint at 6), resume, compare with an unbroken run."""
-    common = ["--epochs", "2", "--ckpt-every-steps", "3", "--audit-keys", "--deterministic"]
+    common = ["--epochs", "2", "--ckpt-every-steps", "3", "--audit-keys", "--deterministic",
+              "--backend", backend, "--num-workers", "1" if backend == "dali-cpu" else "0"]  # fmt: skip
     ref = tmp_path / "ref"
     check(run_train(_args(tiny_train, ref, *common)))
     cut = tmp_path / "cut"
@@ -104,6 +109,11 @@ def test_killed_run_resumes_exactly(tiny_train, tmp_path):
     check(run_train(_args(tiny_train, cut, *common, "--fault-kill-step", "7", "--resume", "auto"),
                     env=env(TORCHELASTIC_RESTART_COUNT="1")))  # fmt: skip
     assert audit_steps(cut, 0) == audit_steps(ref, 0)
+    if backend == "dali-cpu":
+        # The DALI backend seeds its augmentation from the step an iteration starts at,
+        # so a mid-epoch resume sees the same samples with other random crops/flips:
+        # weights are not bit-identical to the unbroken run's (the torch backend's are).
+        return
     a, b = final_weights(ref), final_weights(cut)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -82,7 +82,8 @@ def test_seven_shards_on_four_ranks(tiny_train, tiny_val, tmp_path):
 
 
 def test_two_nodes_agree(tiny_train, tmp_path):
-    """Two torchrun invocations (--nnodes 2, c10d rendezvous on 127.0.0.1) train together."""
+    """Two torchrun invocations (--nnodes 2, c10d rendezvous on 127.0.0.1) train together,
+    accumulating 2 micro-batches per step (DDP no_sync on the first)."""
     out = tmp_path / "run"
     port = free_port()
     procs = []
@@ -90,7 +91,7 @@ def test_two_nodes_agree(tiny_train, tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
                "--rdzv-id", "two-nodes", "-m", "train",
-               *map(str, _args(tiny_train, out, "--batch-size", "8", "--max-steps", "5"))]  # fmt: skip
+               *map(str, _args(tiny_train, out, "--batch-size", "8", "--grad-accum", "2", "--max-steps", "5"))]  # fmt: skip
         procs.append(
             subprocess.Popen(
                 cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -105,9 +106,10 @@ def test_two_nodes_agree(tiny_train, tmp_path):
     # what the loader plans for (rank, world_size 2).
     for rank in (0, 1):
         world = World(rank=rank, world_size=2, local_rank=0, local_world_size=1, node_rank=rank)
-        cfg = LoaderConfig(data=str(tiny_train), backend="torch", batch_size=4, image_size=32, num_workers=0,
+        cfg = LoaderConfig(data=str(tiny_train), backend="torch", batch_size=2, image_size=32, num_workers=0,
                            recipe="small", device="cpu")  # fmt: skip
         with build_loader(cfg, world) as loader:
-            expected = [b.keys for b, _ in zip(loader, range(5), strict=False)]
+            micro = [b.keys for b, _ in zip(loader, range(10), strict=False)]
+        expected = [micro[i] + micro[i + 1] for i in range(0, 10, 2)]
         assert [audit_steps(out, rank)[s] for s in range(1, 6)] == expected
     assert events(out, "start")[0]["environment"]["world_size"] == 2

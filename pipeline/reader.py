@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.sanity import IMAGE_EXTS, check_image
+from pipeline.sanity import check_image
 from pipeline.tario import RawSample
 
 log = logging.getLogger("pipeline")
@@ -51,21 +51,19 @@ class EncodedBatch:
 
 
 def to_sample(raw: RawSample) -> Sample:
-    """Pick the image member and parse the ASCII label; record what is wrong, if anything."""
-    exts = {e.lower(): e for e in raw.members}
-    image = next((raw.members[exts[e]] for e in IMAGE_EXTS if e in exts), None)
+    """Parse the ASCII label and check the image bytes; record what is wrong, if anything."""
     problem = None
     label = -1
-    if "cls" in exts:
+    if raw.label is None:
+        problem = "sample has no .cls label"
+    else:
         try:
-            label = int(raw.members[exts["cls"]].strip())
+            label = int(raw.label)
         except ValueError:
             problem = "label (.cls) is not an integer"
-    else:
-        problem = "sample has no .cls label"
-    if image is None:
+    if raw.image is None:
         return Sample(raw.key, b"", label, "sample has no jpg/png/webp image")
-    return Sample(raw.key, image, label, problem or check_image(image))
+    return Sample(raw.key, raw.image, label, problem or check_image(raw.image))
 
 
 def _units(shard: np.ndarray, positions: np.ndarray, max_samples: np.ndarray):

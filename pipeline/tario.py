@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 BLOCK = 512
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 class TarFormatError(ValueError):
@@ -29,12 +30,21 @@ def split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RawSample:
-    """One sample's members as read: key and {extension: bytes}."""
+    """What the loader needs of one sample: its key, the bytes of its image member
+    (the first of jpg/jpeg/png/webp) and of its ``.cls`` label (None if absent).
+    Other members (``.json``) are not read into memory."""
 
     key: str
-    members: dict[str, bytes]
+    image: bytes | None
+    label: bytes | None
+
+
+def _pick(members: dict[str, bytes]) -> tuple[bytes | None, bytes | None]:
+    lower = {e.lower(): v for e, v in members.items()}
+    image = next((lower[e] for e in IMAGE_EXTS if e in lower), None)
+    return image, lower.get("cls")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +54,9 @@ class ShardIndex:
     members: tuple[tuple[tuple[str, int, int, str], ...], ...]  # (ext, offset, size, name)
     begin: np.ndarray  # int64 [n]: first data byte of the sample (after its header)
     end: np.ndarray  # int64 [n]: one past the last data byte
+    keys: tuple[str, ...]
+    image: np.ndarray  # int64 [n, 2]: (offset, size) of the image member, -1 if none
+    label: np.ndarray  # int64 [n, 2]: (offset, size) of the .cls member, -1 if none
 
     def __len__(self) -> int:
         return len(self.members)
@@ -81,8 +94,11 @@ def parse_index(text: str, *, source: str = "index") -> ShardIndex:
     if len(body) != count:
         raise TarFormatError(f"{source} declares {count} samples but lists {len(body)}")
     members = []
+    keys = []
     begin = np.empty(count, dtype=np.int64)
     end = np.empty(count, dtype=np.int64)
+    image = np.full((count, 2), -1, dtype=np.int64)
+    label = np.full((count, 2), -1, dtype=np.int64)
     for i, line in enumerate(body):
         parts = line.split(" ")
         if len(parts) % 4:
@@ -92,27 +108,46 @@ def parse_index(text: str, *, source: str = "index") -> ShardIndex:
             for j in range(0, len(parts), 4)
         )
         members.append(sample)
+        keys.append(split_name(sample[0][3])[0])
         begin[i] = min(m[1] for m in sample)
         end[i] = max(m[1] + m[2] for m in sample)
-    return ShardIndex(members=tuple(members), begin=begin, end=end)
+        exts = {m[0].lower(): m for m in sample}
+        img = next((exts[e] for e in IMAGE_EXTS if e in exts), None)
+        if img is not None:
+            image[i] = img[1:3]
+        if "cls" in exts:
+            label[i] = exts["cls"][1:3]
+    return ShardIndex(
+        members=tuple(members), begin=begin, end=end, keys=tuple(keys), image=image, label=label
+    )
 
 
 def slice_samples(
     buf: bytes, buf_start: int, index: ShardIndex, indices: np.ndarray
 ) -> list[RawSample]:
     """Cut samples INDICES out of BUF, which holds tar bytes from offset BUF_START."""
+    n = len(buf)
+    img = index.image[indices]
+    lab = index.label[indices]
+    # Every member must lie inside the bytes read; a short buffer means a truncated shard.
+    for arr in (img, lab):
+        present = arr[:, 0] >= 0
+        if present.any():
+            lo = arr[present, 0] - buf_start
+            if lo.min() < 0 or (lo + arr[present, 1]).max() > n:
+                raise TarFormatError("a sample lies outside the bytes read (truncated shard?)")
+    keys = index.keys
     out = []
-    view = memoryview(buf)
-    for i in indices.tolist():
-        members = {}
-        key = ""
-        for ext, offset, size, name in index.members[i]:
-            lo = offset - buf_start
-            if lo < 0 or lo + size > len(buf):
-                raise TarFormatError(f"sample {i} lies outside the bytes read (truncated shard?)")
-            members[ext] = bytes(view[lo : lo + size])
-            key = split_name(name)[0]
-        out.append(RawSample(key, members))
+    for i, (io_, isz), (lo_, lsz) in zip(indices.tolist(), img.tolist(), lab.tolist(), strict=True):
+        a = io_ - buf_start
+        b = lo_ - buf_start
+        out.append(
+            RawSample(
+                keys[i],
+                buf[a : a + isz] if io_ >= 0 else None,
+                buf[b : b + lsz] if lo_ >= 0 else None,
+            )
+        )
     return out
 
 
@@ -168,13 +203,13 @@ def iter_tar(data: bytes):
 
 def tar_samples(data: bytes) -> list[RawSample]:
     """All samples of a complete tar, in file order (members grouped by key)."""
-    out: list[RawSample] = []
+    grouped: list[tuple[str, dict[str, bytes]]] = []
     for name, payload in iter_tar(data):
         key, ext = split_name(name)
         if not key or key.endswith("/") or not ext:
             continue
-        if out and out[-1].key == key:
-            out[-1].members[ext] = payload
+        if grouped and grouped[-1][0] == key:
+            grouped[-1][1][ext] = payload
         else:
-            out.append(RawSample(key, {ext: payload}))
-    return out
+            grouped.append((key, {ext: payload}))
+    return [RawSample(key, *_pick(members)) for key, members in grouped]

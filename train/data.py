@@ -9,9 +9,28 @@ from shard_tools.manifest import read_manifest
 from train.config import DataConfig
 
 
-def dataset_num_classes(url: str) -> int:
-    """Class count recorded in the dataset's manifest (ManifestError if it has none)."""
-    return read_manifest(url).num_classes
+def dataset_classes(url: str) -> dict[str, int]:
+    """Class name -> label recorded in the dataset's manifest (ManifestError if it has none)."""
+    return dict(read_manifest(url).classes)
+
+
+def check_same_classes(
+    expected: dict[str, int], expected_from: str, actual: dict[str, int], actual_from: str
+) -> None:
+    """Refuse two label spaces that differ in size or in which name has which label:
+    a model scored against another mapping reports a meaningless accuracy."""
+    if len(expected) != len(actual):
+        raise ValueError(
+            f"{actual_from} has {len(actual)} classes but {expected_from} has {len(expected)}"
+        )
+    if expected != actual:
+        diff = sorted(
+            k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k)
+        )
+        raise ValueError(
+            f"{actual_from} and {expected_from} label classes differently "
+            f"({', '.join(diff[:3])}{'...' if len(diff) > 3 else ''})"
+        )
 
 
 def loader_config(

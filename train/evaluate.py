@@ -17,11 +17,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from train import distributed
 from train.checkpoint import CheckpointError, load, load_weights, model_weights
 from train.config import BACKENDS, DataConfig, OneLineParser
-from train.data import dataset_num_classes, loader_config, make_loader
+from train.data import check_same_classes, dataset_classes, loader_config, make_loader
 from train.models import build_model
 
 
@@ -101,11 +102,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise CheckpointError(
             f"{args.checkpoint} is not a training checkpoint of this trainer (no meta)"
         )
-    data_classes = dataset_num_classes(args.data)
-    if data_classes != meta["num_classes"]:
+    data_classes = dataset_classes(args.data)
+    if len(data_classes) != meta["num_classes"]:
         raise ValueError(
-            f"the checkpoint's model has {meta['num_classes']} classes but {args.data} has {data_classes}"
+            f"the checkpoint's model has {meta['num_classes']} classes but {args.data} has {len(data_classes)}"
         )
+    if meta.get("classes"):
+        check_same_classes(meta["classes"], args.checkpoint, data_classes, args.data)
     model = build_model(meta["model"], meta["num_classes"], cifar_stem=meta["cifar_stem"])
     if args.ema:
         if not state.get("ema"):
@@ -142,6 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+@record
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train import checkpoint, distributed
 from train.config import Config, with_overrides
-from train.data import dataset_num_classes, loader_config, make_loader
+from train.data import check_same_classes, dataset_classes, loader_config, make_loader
 from train.distributed import Dist
 from train.evaluate import evaluate
 from train.loop import KeyAudit, StepSettings, TrainState, fault_injection, run_epoch
@@ -37,6 +37,7 @@ class Run:
     settings: StepSettings
     steps_per_epoch: int
     total_steps: int
+    classes: dict[str, int] | None  # the training data's name -> label map (None: synthetic)
     log: MetricsLog
     audit: KeyAudit
     evals: list[dict[str, Any]] = field(default_factory=list)
@@ -79,22 +80,25 @@ def rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank, RANK_SEED_SALT]).generate_state(1)[0])
 
 
-def resolve_num_classes(cfg: Config) -> int:
-    """Class count from the manifest(s), checked against --num-classes when both are given."""
+def resolve_classes(cfg: Config) -> tuple[int, dict[str, int] | None]:
+    """Class count (and name -> label map) from the manifest(s), checked against
+    --num-classes and the validation data."""
     if not cfg.data.data:
-        return cfg.model.num_classes
-    n = dataset_num_classes(cfg.data.data)
+        return cfg.model.num_classes, None
+    classes = dataset_classes(cfg.data.data)
+    n = len(classes)
     if cfg.model.num_classes and cfg.model.num_classes != n:
         raise ValueError(
             f"--num-classes {cfg.model.num_classes} disagrees with the {n} classes of {cfg.data.data}"
         )
     if cfg.data.val_data:
-        nv = dataset_num_classes(cfg.data.val_data)
-        if nv != n:
-            raise ValueError(
-                f"{cfg.data.val_data} has {nv} classes but the training data {cfg.data.data} has {n}"
-            )
-    return n
+        check_same_classes(
+            classes,
+            f"the training data {cfg.data.data}",
+            dataset_classes(cfg.data.val_data),
+            cfg.data.val_data,
+        )
+    return n, classes
 
 
 def build(cfg: Config, d: Dist) -> Run:
@@ -105,7 +109,7 @@ def build(cfg: Config, d: Dist) -> Run:
         torch.backends.cudnn.benchmark = True
     if cfg.data.backend == "dali-gpu" and d.device.type != "cuda":
         raise ValueError("--backend dali-gpu needs a GPU; use dali-cpu or torch on CPU")
-    num_classes = resolve_num_classes(cfg)
+    num_classes, classes = resolve_classes(cfg)
     image_size = resolve_image_size(cfg.model.model, cfg.data.image_size, cfg.model.cifar_stem)
     cfg = with_overrides(cfg, model={"num_classes": num_classes}, data={"image_size": image_size})
     per_rank = cfg.per_rank_batch(d.world_size)
@@ -177,6 +181,7 @@ def build(cfg: Config, d: Dist) -> Run:
         settings=settings,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
+        classes=classes,
         log=MetricsLog(cfg.run.out, enabled=d.is_main, tensorboard=cfg.run.tensorboard),
         audit=KeyAudit(cfg.run.out, d.rank, cfg.run.audit_keys),
     )
@@ -207,6 +212,8 @@ def resume(run: Run) -> None:
         raise ValueError(
             f"{url} was trained for {meta.get('num_classes')} classes but the data has {cfg.model.num_classes}"
         )
+    if meta.get("classes") and run.classes:
+        check_same_classes(meta["classes"], url, run.classes, cfg.data.data)
     checkpoint.load_weights(st.model, saved["model"])
     st.optimizer.load_state_dict(saved["optimizer"])
     st.scheduler.load_state_dict(saved["scheduler"])
@@ -243,6 +250,7 @@ def save(run: Run) -> None:
             "image_size": cfg.data.image_size,
             "channels_last": cfg.model.channels_last,
             "world_size": d.world_size,
+            "classes": run.classes,
         },
         "config": cfg.to_dict(),
         "model": st.model.state_dict(),

@@ -141,7 +141,9 @@ def _in_process(main, argv, capsys, *, rc=1):
 
 # @record installs a fault handler on stderr's fd, which pytest's capture does not have.
 @pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
-def test_bad_input_is_one_clear_line(tiny_train, three_class, finished_run, tmp_path, capsys):
+def test_bad_input_is_one_clear_line(
+    tiny_train, three_class, other_four, finished_run, tmp_path, capsys
+):
     from train.__main__ import main
     from train.evaluate import main as evaluate_main
 
@@ -167,6 +169,10 @@ def test_bad_input_is_one_clear_line(tiny_train, three_class, finished_run, tmp_
     assert "not divisible" in line
     line = _in_process(main, _args(tiny_train, tmp_path / "r6", "--val-data", three_class), capsys)
     assert "has 3 classes but the training data" in line
+    line = _in_process(main, _args(tiny_train, tmp_path / "r6b", "--val-data", other_four), capsys)
+    assert "label classes differently (class00, class01, class02...)" in line
+    line = _in_process(evaluate_main, ["--checkpoint", ckpt, "--data", other_four], capsys)
+    assert "label classes differently" in line
     line = _in_process(main, _args(tiny_train, tmp_path / "r7", "--backend", "dali-gpu"), capsys)
     assert "needs a GPU" in line
     with pytest.raises(SystemExit) as exc:

@@ -84,7 +84,9 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    model: str = _opt("seed_cnn", "network name (see train.models.MODELS; default: %(default)s)")
+    model: str = _opt(
+        "seed_cnn", "network: seed_cnn, cifar_fast, resnet18, resnet50 (default: %(default)s)"
+    )
     num_classes: int = _opt(0, "class count (default: 0 = read from the dataset manifest)")
     cifar_stem: bool = _opt(
         False, "ResNets: 3x3 stem without max-pool, for 32 px inputs (default: %(default)s)"

@@ -128,6 +128,9 @@ def test_every_field_is_a_flag_with_help():
     ):
         assert flag in text
     assert "GLOBAL batch size" in text
+    from train.models import MODELS
+
+    assert all(name in text for name in MODELS)  # the --model help lists the registry
 
 
 def test_load_config_file_types(tmp_path):

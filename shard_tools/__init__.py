@@ -15,10 +15,22 @@
 - ``rejected.jsonl``: ``{"path", "reason"}`` per input not packed;
 - ``manifest.json`` (``shard_tools.manifest``), written last: the commit marker.
 
+``--executor ray`` packs the input in chunks of ``--ray-chunk-size`` inputs
+as Ray tasks (``pip install 'shardflow[ray]'``), each writing straight to
+DEST, which every machine must reach (a shared folder or an object store);
+the driver numbers the shards in input order and writes the manifest last.
+Keys stay global input positions, and the output is byte-identical across
+runs for one chunk size, but each chunk ends its last shard early, so the
+shards match a local pack's only when the chunk size is a multiple of
+``--max-count`` and no input is rejected (``ray_executor``). On a cluster, run
+``ray start --head`` on one machine and ``ray start --address HEAD:6379`` on
+the others, then ``shard pack SRC DEST --executor ray --ray-address auto``.
+
 Design notes live with the code: what is kept or converted
 (``validate``), how writes are made all-or-nothing on local disks and object
-stores (``storage``), how an interrupted pack resumes (``resume``), and why
-worker processes come from a fork server (``pack``).
+stores (``storage``), how an interrupted pack resumes (``resume``), why
+worker processes come from a fork server (``pack``), and how Ray chunks are
+numbered and merged (``ray_executor``).
 """
 
 __version__ = "0.1.0"

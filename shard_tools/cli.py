@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=_positive_int,
         default=0,
-        help="worker processes; 0 = one per CPU, 1 = none (default: %(default)s)",
+        help="worker processes; 0 = one per CPU, 1 = none; with --executor ray and no "
+        "--ray-address, the CPUs of the local Ray instance (default: %(default)s)",
     )
     p.add_argument(
         "--resize-max-side",
@@ -151,11 +152,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--executor",
         choices=["local", "ray"],
         default="local",
-        help="where workers run (default: %(default)s)",
+        help="local: worker processes on this machine; ray: Ray tasks on a cluster "
+        "(pip install 'shardflow[ray]'), each packing a chunk of the input straight to "
+        "DEST, which every machine must reach (shared folder or s3://); on a cluster: "
+        "`ray start --head` on one machine, `ray start --address HEAD:6379` on the others, "
+        "then --executor ray --ray-address auto (default: %(default)s)",
     )
     p.add_argument(
         "--ray-address",
-        help="Ray cluster address for --executor ray (default: start or join a local one)",
+        help="Ray cluster for --executor ray: HOST:PORT of the head (e.g. :6379), auto on a "
+        "cluster node, or ray://HOST:10001 from outside (needs ray[client]) "
+        "(default: start a local Ray instance with --workers CPUs)",
+    )
+    p.add_argument(
+        "--ray-chunk-size",
+        type=_positive_int,
+        default=0,
+        metavar="N",
+        help="inputs per Ray task; each chunk ends its last shard early, so the shards depend "
+        "on N (recorded in the manifest); 0 = the smallest multiple of --max-count >= 10,000 "
+        "(default: %(default)s)",
     )
     _add_storage(p)
 
@@ -252,6 +268,7 @@ def _pack_config(args: argparse.Namespace, src: str | tuple[str, ...]):
         fraction=args.fraction,
         executor=args.executor,
         ray_address=args.ray_address,
+        ray_chunk_size=args.ray_chunk_size,
     )
 
 

@@ -27,6 +27,9 @@ _SIZE_UNITS = {
 }
 FORMATS = ("keep", "jpeg", "webp")
 EXECUTORS = ("local", "ray")
+# --executor ray, default chunk: at least this many inputs per Ray task, long
+# enough (a minute or so of decoding) that scheduling costs nothing visible.
+RAY_CHUNK_MIN = 10_000
 
 
 def parse_size(text: str | int) -> int:
@@ -47,9 +50,11 @@ def default_workers() -> int:
 class PackConfig:
     """Everything that decides what ``shard pack`` writes (and a few how-to knobs).
 
-    ``workers``, ``resume``, ``executor`` and ``ray_address`` change how the
-    work is done, never the bytes written; every other field is recorded in
-    the manifest's ``options``.
+    ``workers``, ``resume`` and ``ray_address`` change how the work is done,
+    never the bytes written; every other field is recorded in the manifest's
+    ``options``. ``executor="ray"`` packs chunks of ``chunk_size`` inputs
+    independently, so each chunk ends its last shard early: its shard
+    boundaries depend on the chunk size, which is then recorded too.
     """
 
     src: str | tuple[str, ...]  # folder, manifest file, or tar pattern(s)
@@ -70,6 +75,7 @@ class PackConfig:
     fraction: float | None = None  # keep this fraction of every class (seeded)
     executor: str = "local"
     ray_address: str | None = None
+    ray_chunk_size: int = 0  # inputs per Ray task; 0: see chunk_size
 
     def __post_init__(self) -> None:
         if isinstance(self.src, list):
@@ -106,6 +112,10 @@ class PackConfig:
             raise ValueError(
                 f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}"
             )
+        if self.ray_chunk_size < 0:
+            raise ValueError(f"--ray-chunk-size must be >= 0, got {self.ray_chunk_size}")
+        if self.executor != "ray" and (self.ray_address or self.ray_chunk_size):
+            raise ValueError("--ray-address and --ray-chunk-size need --executor ray")
         if not self.validate and (self.resize_max_side or self.image_format != "keep"):
             raise ValueError(
                 "--no-validate cannot be combined with re-encoding (--resize-max-side, --format)"
@@ -119,9 +129,19 @@ class PackConfig:
     def num_workers(self) -> int:
         return self.workers or default_workers()
 
+    @property
+    def chunk_size(self) -> int:
+        """Inputs per Ray task: ``ray_chunk_size``, or the smallest multiple of
+        ``max_count`` that is at least RAY_CHUNK_MIN (a whole number of full
+        shards, so chunks add no short shards when ``max_count`` decides)."""
+        return self.ray_chunk_size or self.max_count * -(-RAY_CHUNK_MIN // self.max_count)
+
     def recorded_options(self) -> dict[str, Any]:
         """The options that determine the output bytes (written into the manifest)."""
         src = list(self.src) if isinstance(self.src, tuple) else self.src
+        ray = (
+            {"executor": "ray", "ray_chunk_size": self.chunk_size} if self.executor == "ray" else {}
+        )
         return {
             "src": src,
             "max_count": self.max_count,
@@ -135,4 +155,5 @@ class PackConfig:
             "max_pixels": self.max_pixels,
             "classes": list(self.classes) if self.classes else None,
             "fraction": self.fraction,
+            **ray,
         }

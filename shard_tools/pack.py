@@ -106,9 +106,13 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 
 def ordered_results(
-    items: list[Item], start: int, opts: validate.WorkerOptions, workers: int
+    items: list[Item], start: int, opts: validate.WorkerOptions, workers: int, base: int = 0
 ) -> Iterator[validate.Result]:
-    """Process ITEMS[START:] and yield results in input order, with bounded memory."""
+    """Process ITEMS[START:] and yield results in input order, with bounded memory.
+
+    ITEMS[0] is input position BASE (a chunk of a larger input): results carry
+    global positions, which become the sample keys.
+    """
     if workers <= 1:
         # In this process: change PIL's global settings only while packing.
         previous = validate.configure_pil()
@@ -116,7 +120,7 @@ def ordered_results(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 for pos in range(start, len(items)):
-                    yield validate.process(pos, items[pos], opts)
+                    yield validate.process(base + pos, items[pos], opts)
         finally:
             validate.close_handles()
             validate.restore_pil(previous)
@@ -133,7 +137,7 @@ def ordered_results(
         while nxt < len(items) or pending:
             while nxt < len(items) and len(pending) < workers * IN_FLIGHT_PER_WORKER:
                 pending.append(
-                    ex.submit(validate.process_batch, nxt, items[nxt : nxt + BATCH], opts)
+                    ex.submit(validate.process_batch, base + nxt, items[nxt : nxt + BATCH], opts)
                 )
                 nxt += BATCH
             yield from pending.popleft().result()
@@ -215,13 +219,25 @@ def pack(
     """Pack CONFIG.src into shards at CONFIG.dest; see the module doc for the guarantees.
 
     Raises PackError, resume.ResumeError or sources.SourceError with a
-    one-line reason when the pack cannot be done.
+    one-line reason when the pack cannot be done. ``--executor ray`` runs in
+    ``ray_executor`` (which reuses this module's listing, writer and merge).
     """
+    if config.executor == "ray":
+        from shard_tools import ray_executor
+
+        return ray_executor.pack(config, storage_options=storage_options, progress=progress)
     t0 = time.perf_counter()
-    if config.executor != "local":
-        raise PackError(
-            f"--executor {config.executor} is not available in this version; use --executor local"
-        )
+    dest, source = prepare(config, storage_options)
+    done = resume.begin(dest, _fingerprint(config, source), resume=config.resume)
+    tail: list[tuple[str, str]] = []
+    entries = done + _write_shards(config, source, dest, done, storage_options, progress, tail)
+    return _finish(config, source, dest, entries, tail, len(done), time.perf_counter() - t0)
+
+
+def prepare(
+    config: PackConfig, storage_options: dict[str, Any] | None
+) -> tuple[Destination, Source]:
+    """Check that DEST holds no finished dataset; list and select the input (pack order)."""
     dest = Destination(config.dest, storage_options)
     if dest.exists(MANIFEST_NAME):
         raise PackError(
@@ -240,10 +256,7 @@ def pack(
         raise PackError(
             f"--strict: rejected {path}: {reason} (and {len(source.rejected) - 1} more)"
         )
-    done = resume.begin(dest, _fingerprint(config, source), resume=config.resume)
-    tail: list[tuple[str, str]] = []
-    entries = done + _write_shards(config, source, dest, done, storage_options, progress, tail)
-    return _finish(config, source, dest, entries, tail, len(done), time.perf_counter() - t0)
+    return dest, source
 
 
 def _write_shards(
@@ -254,13 +267,16 @@ def _write_shards(
     storage_options: dict[str, Any] | None,
     progress: bool,
     tail_rejected: list[tuple[str, str]],
+    base: int = 0,
 ) -> list[dict[str, Any]]:
     """Write the shards after DONE; return their journal entries in order.
 
     Rejections with no shard to carry them (every remaining input rejected)
-    go to TAIL_REJECTED.
+    go to TAIL_REJECTED. ``source.items[0]`` is input position BASE (non-zero
+    when one chunk of a larger input is packed): keys and ``input_end`` are
+    global positions.
     """
-    start = done[-1]["input_end"] if done else 0
+    start = done[-1]["input_end"] - base if done else 0
     names = {v: k for k, v in source.classes.items()}
     opts = validate.WorkerOptions(
         class_names=tuple(names[i] for i in range(len(names))),
@@ -290,7 +306,7 @@ def _write_shards(
 
     try:
         for n, (pos, label, payload) in enumerate(
-            ordered_results(source.items, start, opts, config.num_workers)
+            ordered_results(source.items, start, opts, config.num_workers, base)
         ):
             if bar is not None:
                 bar.update(1)
@@ -298,10 +314,12 @@ def _write_shards(
                     bar.set_postfix_str(f"{written_bytes / 1e6:,.0f} MB", refresh=False)
             if label is None:
                 if config.strict:
-                    raise PackError(f"--strict: rejected {source.items[pos].source}: {payload}")
+                    raise PackError(
+                        f"--strict: rejected {source.items[pos - base].source}: {payload}"
+                    )
                 if shard is None:
                     shard = _ShardSink(dest, len(done) + len(entries))
-                shard.rejected.append((source.items[pos].source, payload))
+                shard.rejected.append((source.items[pos - base].source, payload))
                 continue
             if (
                 shard is not None
@@ -319,7 +337,7 @@ def _write_shards(
             shard.class_counts[label] = shard.class_counts.get(label, 0) + 1
         if shard is not None:
             if shard.tar.samples:
-                commit(input_end=len(source.items))
+                commit(input_end=base + len(source.items))
             else:
                 # Only rejections since the last shard: no shard file; the
                 # rejections still go to rejected.jsonl.

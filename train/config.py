@@ -23,6 +23,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 
 BACKENDS = ("dali-gpu", "dali-cpu", "torch", "synthetic")
+TRANSFER_MODES = ("features", "finetune")
 
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
@@ -95,12 +96,32 @@ class ModelConfig:
         True, "NHWC memory format for model and inputs (default: %(default)s)"
     )
     compile: bool = _opt(False, "wrap the model in torch.compile (default: %(default)s)")
+    init_from: str = _opt(
+        "", "start from these weights: a checkpoint or plain state_dict file (any fsspec URL)"
+    )
+    transfer: str = _opt(
+        "finetune",
+        "with --init-from: features = freeze the backbone, train the head; finetune = train "
+        "all, backbone lr x --backbone-lr-mult (default: %(default)s)",
+        choices=TRANSFER_MODES,
+    )
+    backbone_lr_mult: float = _opt(
+        0.1, "finetune: backbone lr = --lr x this (default: %(default)s)"
+    )
+    keep_masks: bool = _opt(
+        False, "re-apply the pruning masks of --init-from after every optimizer step"
+    )
 
     def __post_init__(self) -> None:
         from train.models import MODELS  # late: models imports torch, config must stay light
 
         _check_choice("--model", self.model, tuple(MODELS))
         _check_range("--num-classes", self.num_classes, 0)
+        _check_choice("--transfer", self.transfer, TRANSFER_MODES)
+        if not self.backbone_lr_mult > 0:
+            raise ValueError(f"--backbone-lr-mult must be > 0; got {self.backbone_lr_mult}")
+        if self.keep_masks and not self.init_from:
+            raise ValueError("--keep-masks needs --init-from (a checkpoint written by train.prune)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +147,13 @@ class OptimConfig:
         0.0, "EMA of weights per step, evaluated beside the model (default: 0 = off)"
     )
     grad_clip_norm: float = _opt(0.0, "clip the global gradient norm (default: 0 = off)")
+    teacher: str = _opt("", "distil from this checkpoint's model (default: none)")
+    kd_alpha: float = _opt(
+        0.5, "distillation: weight of the teacher term, in [0, 1] (default: %(default)s)"
+    )
+    kd_temperature: float = _opt(
+        4.0, "distillation: softmax temperature, > 0 (default: %(default)s)"
+    )
 
     def __post_init__(self) -> None:
         _check_choice("--optimizer", self.optimizer, ("sgd", "adamw"))
@@ -141,6 +169,9 @@ class OptimConfig:
         if self.ema_decay == 1.0:
             raise ValueError("--ema-decay must be < 1 (1 would never move the average)")
         _check_range("--grad-clip-norm", self.grad_clip_norm, 0.0)
+        _check_range("--kd-alpha", self.kd_alpha, 0.0, 1.0)
+        if not self.kd_temperature > 0:
+            raise ValueError(f"--kd-temperature must be > 0; got {self.kd_temperature}")
         if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
             raise ValueError("--nesterov needs --momentum > 0 (or pass --no-nesterov)")
 

@@ -20,6 +20,14 @@ from train.metrics import peak_memory_mb
 from train.optim import EMA, clip_grads
 
 
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the pruned weights again (momentum and weight decay would revive them)."""
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].mul_(mask)
+
+
 @dataclass(kw_only=True)
 class TrainState:
     """Everything that changes while training; a checkpoint is a snapshot of it."""
@@ -33,6 +41,10 @@ class TrainState:
     step: int = 0  # optimizer steps done, all epochs
     epoch: int = 0  # the epoch in progress (or next to start)
     step_in_epoch: int = 0  # optimizer steps done in EPOCH
+    # Pruning masks (param name -> keep mask), re-applied after every optimizer step.
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Modules held in eval mode while training (BN of a frozen backbone).
+    frozen_modules: list[nn.Module] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +55,8 @@ class StepSettings:
     grad_accum: int
     grad_clip_norm: float
     criterion: nn.Module
+    # Knowledge distillation: called as distiller(logits, images, labels) instead of CRITERION.
+    distiller: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(kw_only=True)
@@ -73,6 +87,8 @@ def train_step(state: TrainState, micro_batches: list[Any], settings: StepSettin
     """One optimizer step over GRAD_ACCUM micro-batches; returns the mean loss (a tensor,
     so the caller decides when to pay for a device sync)."""
     state.runner.train()
+    for m in state.frozen_modules:
+        m.eval()
     total = torch.zeros((), device=settings.device)
     n = len(micro_batches)
     for i, batch in enumerate(micro_batches):
@@ -83,7 +99,11 @@ def train_step(state: TrainState, micro_batches: list[Any], settings: StepSettin
             images = prepare_images(batch.images, settings)
             labels = batch.labels.to(settings.device, non_blocking=True)
             with autocast(settings):
-                loss = settings.criterion(state.runner(images), labels) / n
+                logits = state.runner(images)
+                if settings.distiller is None:
+                    loss = settings.criterion(logits, labels) / n
+                else:
+                    loss = settings.distiller(logits, images, labels) / n
             state.scaler.scale(loss).backward()
         total += loss.detach()
     if settings.grad_clip_norm > 0:
@@ -92,6 +112,8 @@ def train_step(state: TrainState, micro_batches: list[Any], settings: StepSettin
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
+    if state.masks:
+        apply_masks(state.model, state.masks)
     state.scheduler.step()
     if state.ema is not None:
         state.ema.update(state.model)

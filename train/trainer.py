@@ -14,14 +14,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from train import checkpoint, distributed
+from train import checkpoint, distributed, transfer
 from train.config import Config, with_overrides
 from train.data import check_same_classes, dataset_classes, loader_config, make_loader
+from train.distill import Distiller, load_teacher
 from train.distributed import Dist
 from train.evaluate import evaluate
-from train.loop import KeyAudit, StepSettings, TrainState, fault_injection, run_epoch
+from train.loop import KeyAudit, StepSettings, TrainState, apply_masks, fault_injection, run_epoch
 from train.metrics import MetricsLog, environment, format_eval, format_step
-from train.models import build_model, resolve_image_size
+from train.models import resolve_image_size
 from train.optim import EMA, build_optimizer, build_scheduler, loss_fn, param_groups
 
 RANK_SEED_SALT = 0x7EA1
@@ -131,7 +132,25 @@ def build(cfg: Config, d: Dist) -> Run:
         )  # fmt: skip
 
     seed_all(cfg.run.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model.model, num_classes, cifar_stem=cfg.model.cifar_stem).to(d.device)
+    source = (
+        transfer.read_source(cfg.model.init_from, cfg.model.model) if cfg.model.init_from else None
+    )
+    model = transfer.build_for(
+        source, cfg.model.model, num_classes, cifar_stem=cfg.model.cifar_stem
+    )
+    plan = transfer.TransferPlan(lr_mult_of={}, frozen_modules=[])
+    masks: dict[str, torch.Tensor] = {}
+    if source is not None:
+        transfer.load_backbone(model, cfg.model.model, source)
+        plan = transfer.prepare(
+            model, cfg.model.model, cfg.model.transfer, cfg.model.backbone_lr_mult
+        )
+        if cfg.model.keep_masks:
+            if not source.masks:
+                raise ValueError(f"--keep-masks: {cfg.model.init_from} stores no pruning masks")
+            masks = source.masks
+    model = model.to(d.device)
+    masks = _device_masks(model, masks, cfg.model.init_from)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     runner: nn.Module = model
@@ -150,7 +169,9 @@ def build(cfg: Config, d: Dist) -> Run:
     total = steps_per_epoch * cfg.run.epochs
     if cfg.run.max_steps:
         total = min(total, cfg.run.max_steps)
-    optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim)
+    optimizer = build_optimizer(
+        param_groups(model, cfg.optim.weight_decay, lr_mult_of=plan.lr_mult_of), cfg.optim
+    )
     state = TrainState(
         model=model,
         runner=runner,
@@ -160,14 +181,24 @@ def build(cfg: Config, d: Dist) -> Run:
         ),
         scaler=torch.amp.GradScaler(d.device.type, enabled=amp == torch.float16),
         ema=EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None,
+        masks=masks,
+        frozen_modules=plan.frozen_modules,
     )
+    criterion = loss_fn(cfg.optim.label_smoothing)
+    distiller = None
+    if cfg.optim.teacher:
+        teacher = load_teacher(cfg.optim.teacher, num_classes=num_classes, device=d.device,
+                               channels_last=cfg.model.channels_last)  # fmt: skip
+        distiller = Distiller(teacher, criterion, alpha=cfg.optim.kd_alpha,
+                              temperature=cfg.optim.kd_temperature)  # fmt: skip
     settings = StepSettings(
         device=d.device,
         amp_dtype=amp,
         channels_last=cfg.model.channels_last,
         grad_accum=cfg.run.grad_accum,
         grad_clip_norm=cfg.optim.grad_clip_norm,
-        criterion=loss_fn(cfg.optim.label_smoothing),
+        criterion=criterion,
+        distiller=distiller,
     )
     # Per-rank streams for anything random during training (none of the built-in models
     # use any, but dropout in a user's model should differ across ranks).
@@ -188,6 +219,21 @@ def build(cfg: Config, d: Dist) -> Run:
     if cfg.run.resume:
         resume(run)
     return run
+
+
+def _device_masks(
+    model: nn.Module, masks: dict[str, torch.Tensor], url: str
+) -> dict[str, torch.Tensor]:
+    """Check MASKS against MODEL's parameters; as float tensors beside them."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name, mask in masks.items():
+        if name not in params or params[name].shape != mask.shape:
+            raise checkpoint.CheckpointError(f"{url}: pruning mask {name} does not fit the model")
+        out[name] = mask.to(device=params[name].device, dtype=params[name].dtype)
+    if out:
+        apply_masks(model, out)
+    return out
 
 
 def resume(run: Run) -> None:
@@ -221,6 +267,8 @@ def resume(run: Run) -> None:
         st.scaler.load_state_dict(saved["scaler"])
     if st.ema is not None and saved.get("ema"):
         st.ema.load_state_dict(saved["ema"])
+    if saved.get("masks"):
+        st.masks = _device_masks(st.model, saved["masks"], url)
     st.step, st.epoch, st.step_in_epoch = saved["step"], saved["epoch"], saved["step_in_epoch"]
     run.loader.load_state_dict(saved["loader"])
     rngs = saved.get("rng") or []
@@ -251,6 +299,7 @@ def save(run: Run) -> None:
             "channels_last": cfg.model.channels_last,
             "world_size": d.world_size,
             "classes": run.classes,
+            "widths": getattr(st.model, "widths", None),  # channel-pruned architecture
         },
         "config": cfg.to_dict(),
         "model": st.model.state_dict(),
@@ -258,6 +307,7 @@ def save(run: Run) -> None:
         "scheduler": st.scheduler.state_dict(),
         "scaler": st.scaler.state_dict(),
         "ema": st.ema.state_dict() if st.ema is not None else None,
+        "masks": {k: v.bool().cpu() for k, v in st.masks.items()},
         "step": st.step,
         "epoch": st.epoch,
         "step_in_epoch": st.step_in_epoch,

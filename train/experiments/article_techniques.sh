@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Reproduce the transfer / distillation / pruning table on CIFAR-10 (CPU is enough).
+#
+#   train/experiments/article_techniques.sh [WORK_DIR]
+#
+# Budgets (environment, equal across compared runs): PRE_EPOCHS (pretraining on
+# classes 0-4), FT_EPOCHS (10% of classes 5-9: scratch/features/finetune), KD_EPOCHS
+# (student with/without teacher), TEACHER_EPOCHS, PRUNE_FT_EPOCHS, SEEDS ("0 1"),
+# BACKEND (dali-cpu), NPROC (1 = plain process; >1 = torchrun). Results land in
+# WORK_DIR/results.md (and per-run metrics.jsonl under WORK_DIR/runs).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+PY=${PY:-$REPO/.venv/bin/python}
+SHARD=${SHARD:-$(dirname "$PY")/shard}
+WORK=${1:-$(mktemp -d /tmp/article-techniques.XXXX)}
+DATA_TGZ=${DATA_TGZ:-$REPO/../shared/data/cifar10-jpeg.tar.gz}
+PRE_EPOCHS=${PRE_EPOCHS:-8}
+FT_EPOCHS=${FT_EPOCHS:-15}
+KD_EPOCHS=${KD_EPOCHS:-8}
+TEACHER_EPOCHS=${TEACHER_EPOCHS:-8}
+PRUNE_FT_EPOCHS=${PRUNE_FT_EPOCHS:-1}
+SEEDS=${SEEDS:-"0 1"}
+BACKEND=${BACKEND:-dali-cpu}
+NPROC=${NPROC:-1}
+BATCH=${BATCH:-128}
+LR=${LR:-0.05}
+TEACHER_MODEL=${TEACHER_MODEL:-cifar_fast}
+
+SRC_CLASSES=airplane,automobile,bird,cat,deer
+TGT_CLASSES=dog,frog,horse,ship,truck
+mkdir -p "$WORK/runs" "$WORK/data"
+cd "$REPO"
+
+if [ ! -d "$WORK/cifar/train" ]; then
+    mkdir -p "$WORK/cifar"
+    tar xzf "$DATA_TGZ" -C "$WORK/cifar"
+fi
+C="$WORK/cifar"
+D="$WORK/data"
+
+pack() {  # DEST SRC [pack flags...]
+    local dest=$1 src=$2; shift 2
+    [ -f "$dest/manifest.json" ] || "$SHARD" pack "$src" "$dest" --workers 2 --no-validate "$@" >/dev/null
+}
+pack "$D/src-train" "$C/train" --classes "$SRC_CLASSES"
+pack "$D/tgt-test" "$C/test" --classes "$TGT_CLASSES"
+pack "$D/all-train" "$C/train"
+pack "$D/all-test" "$C/test"
+for s in $SEEDS; do pack "$D/tgt-train-10pct-s$s" "$C/train" --classes "$TGT_CLASSES" --fraction 0.1 --seed "$s"; done
+
+train() {  # OUT [trainer flags...]: skipped when the run already finished
+    local out=$1; shift
+    if grep -q '"event": "summary"' "$out/metrics.jsonl" 2>/dev/null; then return; fi
+    rm -rf "$out"
+    local launcher=("$PY" -m train)
+    [ "$NPROC" -gt 1 ] && launcher=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m train)
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "${launcher[@]}" --backend "$BACKEND" --num-workers 2 \
+        --batch-size "$BATCH" --lr "$LR" --log-every-steps 1000 --keep-checkpoints 1 --out "$out" "$@" \
+        > "$out.log" 2>&1 || { echo "failed: $out (see $out.log)"; tail -3 "$out.log"; exit 1; }
+}
+last_ckpt() { ls "$1"/checkpoints/step-*.pt | tail -1; }
+R="$WORK/runs"
+
+# Transfer: pretrain on classes 0-4, then 10% of classes 5-9 three ways.
+train "$R/pretrain" --model seed_cnn --data "$D/src-train" --epochs "$PRE_EPOCHS" --eval-every-epochs 0
+PRE=$(last_ckpt "$R/pretrain")
+for s in $SEEDS; do
+    common=(--model seed_cnn --data "$D/tgt-train-10pct-s$s" --val-data "$D/tgt-test" --epochs "$FT_EPOCHS" --seed "$s" --eval-every-epochs 0)
+    train "$R/tl-scratch-s$s" "${common[@]}"
+    train "$R/tl-features-s$s" "${common[@]}" --init-from "$PRE" --transfer features
+    train "$R/tl-finetune-s$s" "${common[@]}" --init-from "$PRE" --transfer finetune --backbone-lr-mult 0.1
+done
+
+# Distillation: a stronger teacher, then seed_cnn with and without it.
+train "$R/teacher" --model "$TEACHER_MODEL" --data "$D/all-train" --val-data "$D/all-test" --epochs "$TEACHER_EPOCHS" --eval-every-epochs 0
+TEACHER=$(last_ckpt "$R/teacher")
+for s in $SEEDS; do
+    common=(--model seed_cnn --data "$D/all-train" --val-data "$D/all-test" --epochs "$KD_EPOCHS" --seed "$s" --eval-every-epochs 0)
+    train "$R/kd-none-s$s" "${common[@]}"
+    train "$R/kd-teacher-s$s" "${common[@]}" --teacher "$TEACHER" --kd-alpha 0.7 --kd-temperature 4
+done
+
+# Pruning: the teacher at 50% global sparsity + a short fine-tune with masks kept;
+# seed_cnn (the no-teacher seed-0 run) with 30% of its channels removed + the same fine-tune.
+"$PY" -m train.prune --checkpoint "$TEACHER" --method global-magnitude --sparsity 0.5 \
+    --out "$WORK/teacher-gm50.pt" --threads 2 --json > "$WORK/prune-gm50.json"
+train "$R/prune-gm50-ft" --model "$TEACHER_MODEL" --data "$D/all-train" --val-data "$D/all-test" \
+    --epochs "$PRUNE_FT_EPOCHS" --init-from "$WORK/teacher-gm50.pt" --keep-masks --backbone-lr-mult 1 --lr 0.01
+S0=$(last_ckpt "$R/kd-none-s${SEEDS%% *}")
+"$PY" -m train.prune --checkpoint "$S0" --method structured-channels --sparsity 0.3 \
+    --out "$WORK/seed-ch30.pt" --threads 2 --json > "$WORK/prune-ch30.json"
+train "$R/prune-ch30-ft" --model seed_cnn --data "$D/all-train" --val-data "$D/all-test" \
+    --epochs "$PRUNE_FT_EPOCHS" --init-from "$WORK/seed-ch30.pt" --backbone-lr-mult 1 --lr 0.01
+
+"$PY" "$REPO/train/experiments/table.py" "$WORK" --seeds $SEEDS > "$WORK/results.md"
+cat "$WORK/results.md"

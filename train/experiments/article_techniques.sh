@@ -70,6 +70,7 @@ for s in $SEEDS; do
     train "$R/tl-scratch-s$s" "${common[@]}"
     train "$R/tl-features-s$s" "${common[@]}" --init-from "$PRE" --transfer features
     train "$R/tl-finetune-s$s" "${common[@]}" --init-from "$PRE" --transfer finetune --backbone-lr-mult 0.1
+    train "$R/tl-finetune1x-s$s" "${common[@]}" --init-from "$PRE" --transfer finetune --backbone-lr-mult 1
 done
 
 # Distillation: a stronger teacher, then seed_cnn with and without it.

@@ -34,7 +34,7 @@ def main() -> None:
     w = Path(a.work)
     r = w / "runs"
     out = ["| experiment | variant | test top-1 % (mean of seeds; each) |", "|---|---|---|"]
-    for v in ("scratch", "features", "finetune"):
+    for v in ("scratch", "features", "finetune", "finetune1x"):
         runs = [r / f"tl-{v}-s{s}" for s in a.seeds]
         out.append(f"| transfer, classes 5-9 at 10% | {v} | {fmt_mean(runs)} |")
     out.append(f"| distillation | teacher | {fmt_mean([r / 'teacher'])} |")

@@ -42,6 +42,10 @@ from benchmarks.harness import Measurement, measure
 WORKERS = 2
 
 
+def _load() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def shared_data() -> Path:
     default = Path(benchmarks.__file__).resolve().parents[2] / "shared" / "data"
     return Path(os.environ.get("SHARDFLOW_SHARED_DATA", default))
@@ -366,6 +370,7 @@ def run(args) -> tuple[list[Measurement], dict]:
             fs = fsspec.filesystem("s3", **server.storage_options())
             prefix = f"bench/run-{int(time.time())}"
         out: list[Measurement] = []
+        notes["load average at start (1/5/15 min)"] = _load()
         for ds in datasets:
             s3 = None
             if server is not None:
@@ -374,6 +379,9 @@ def run(args) -> tuple[list[Measurement], dict]:
                 s3 = (url, server.storage_options())
             print(f"-- {ds['name']}: {ds['root']}", flush=True)
             out += _measure_dataset(ds, s3, args.repeats, notes)
+        # Other processes on the machine skew every figure; the ratios suffer least
+        # because the rounds are interleaved.
+        notes["load average at end (1/5/15 min)"] = _load()
         return out, notes
     finally:
         if server is not None:

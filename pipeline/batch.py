@@ -30,7 +30,8 @@ class EpochReport:
     ``keys`` in yield order (only batches yielded by this loader object, so a
     resumed loader reports from its resume point); ``repeated``: samples that
     were pad repeats (this rank); ``dropped``: samples of the epoch that no rank
-    reads under the drop policy (all ranks); ``corrupt``: keys skipped as
+    reads under the drop policy (all ranks, every split of an elastically resumed
+    epoch included); ``corrupt``: keys skipped as
     corrupt and replaced by a valid sample of the same batch.
     """
 

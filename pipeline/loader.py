@@ -217,7 +217,7 @@ class Loader:
             steps=self._steps_seen,
             keys=tuple(self._keys),
             repeated=self._repeated,
-            dropped=plan.split.num_dropped,
+            dropped=plan.dropped_before + plan.split.num_dropped,
             corrupt=tuple(self._corrupt),
         )
 

@@ -67,6 +67,7 @@ class RankPlan:
     generation: int
     step_offset: int  # steps of the epoch consumed in earlier generations
     steps: int  # steps of this generation
+    dropped_before: int = 0  # samples dropped by the splits of earlier generations
     split: Split
     ranks_order: RankOrder
 
@@ -162,8 +163,10 @@ def plan_rank(
     buffer = buffer if shuffle else 0
     stream = epoch_stream(sizes, epoch, seed, shuffle)
     offset = 0
+    dropped = 0
     for g, gen in enumerate(history):
         split = split_stream(stream, gen.world_size, gen.batch_size, policy)
+        dropped += split.num_dropped
         if not 0 <= gen.steps <= split.steps:
             raise ValueError(
                 f"resume state says {gen.steps} steps were taken in a generation of "
@@ -181,7 +184,7 @@ def plan_rank(
         ro = rank_order((), seed=seed, epoch=epoch, generation=g, rank=rank, buffer=buffer)
         return RankPlan(
             rank=rank, world_size=world_size, batch_size=batch_size, generation=g,
-            step_offset=offset, steps=0, split=empty, ranks_order=ro,
+            step_offset=offset, steps=0, split=empty, ranks_order=ro, dropped_before=dropped,
         )  # fmt: skip
     split = split_stream(stream, world_size, batch_size, policy)
     ro = rank_order(
@@ -196,4 +199,5 @@ def plan_rank(
         steps=split.steps,
         split=split,
         ranks_order=ro,
+        dropped_before=dropped,
     )

@@ -14,12 +14,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from train.metrics import git_sha
 
 
 @dataclass(kw_only=True)
@@ -96,25 +97,18 @@ def measure(
     return m
 
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _version(module: str) -> str | None:
     try:
         mod = __import__(module, fromlist=["__version__"])
         return getattr(mod, "__version__", "unknown")
     except Exception:
         return None
+
+
+def shared_data() -> Path:
+    """The project's real datasets: SHARDFLOW_SHARED_DATA, else ../shared/data next to the repo."""
+    default = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(os.environ.get("SHARDFLOW_SHARED_DATA", default))
 
 
 def environment() -> dict[str, Any]:

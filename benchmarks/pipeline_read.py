@@ -36,19 +36,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import benchmarks
-from benchmarks.harness import Measurement, measure
+from benchmarks.harness import Measurement, measure, shared_data
 
 WORKERS = 2
 
 
 def _load() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def shared_data() -> Path:
-    default = Path(benchmarks.__file__).resolve().parents[2] / "shared" / "data"
-    return Path(os.environ.get("SHARDFLOW_SHARED_DATA", default))
 
 
 def add_arguments(parser) -> None:

@@ -30,17 +30,11 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import benchmarks
-from benchmarks.harness import Measurement, measure
+from benchmarks.harness import Measurement, measure, shared_data
 from shard_tools.pack import worker_context
 
 WORKERS = 2
 DECODE_BATCH = 32
-
-
-def shared_data() -> Path:
-    default = Path(benchmarks.__file__).resolve().parents[2] / "shared" / "data"
-    return Path(os.environ.get("SHARDFLOW_SHARED_DATA", default))
 
 
 def add_arguments(parser) -> None:

@@ -30,6 +30,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from benchmarks.decode_worker import decode_files
 from benchmarks.harness import Measurement, measure, shared_data
 from shard_tools.pack import worker_context
 
@@ -112,21 +113,12 @@ def _shardwriter_copy(src: str, files: list[Path], out: Path) -> int:
     return len(files)
 
 
-def _decode_batch(paths: list[str]) -> int:
-    from PIL import Image
-
-    for p in paths:
-        with Image.open(p) as img:
-            img.load()
-    return len(paths)
-
-
 def _decode_only(files: list[Path]) -> int:
     paths = [str(p) for p in files]
     batches = [paths[i : i + DECODE_BATCH] for i in range(0, len(paths), DECODE_BATCH)]
     # The same fork server as `shard pack` uses, so both pay the same start-up.
     with ProcessPoolExecutor(max_workers=WORKERS, mp_context=worker_context()) as ex:
-        return sum(ex.map(_decode_batch, batches))
+        return sum(ex.map(decode_files, batches))
 
 
 def _pack(src: str, out: Path, *, validate: bool) -> int:

@@ -27,6 +27,7 @@ import io
 import json
 import os
 import signal
+import stat
 import threading
 import time
 import warnings
@@ -139,6 +140,27 @@ def _local_tar(path: str):
     return f
 
 
+def open_local(path: str):
+    """Open a local input file for reading; refuse anything but a regular file.
+
+    A FIFO named like an image would block ``open()`` (and the whole pack)
+    until some writer appears, and a device can be read forever: open without
+    blocking, look at what it is, and only then read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise Rejected("not a file")
+        if not stat.S_ISREG(mode):
+            raise Rejected("not a regular file (a FIFO, socket or device)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_bytes(ref: str | TarRef, storage_options: dict[str, Any] | None) -> tuple[bytes, Origin]:
     """The raw bytes of one input (a file, a URL or a tar member) and, if local, their origin."""
     try:
@@ -160,7 +182,7 @@ def read_bytes(ref: str | TarRef, storage_options: dict[str, Any] | None) -> tup
             st = os.fstat(f.fileno())
             return data, (ref.url, ref.offset, (st.st_size, st.st_mtime_ns))
         if "://" not in ref:
-            with open(ref, "rb") as f:
+            with open_local(ref) as f:
                 st = os.fstat(f.fileno())
                 return f.read(), (ref, 0, (st.st_size, st.st_mtime_ns))
         with fsspec.open(ref, "rb", **options_for(ref, storage_options)) as f:
@@ -239,7 +261,7 @@ def _header_only(ref: str | TarRef, opts: WorkerOptions) -> tuple[str, int, int,
     if not isinstance(ref, str) or "://" in ref:
         return None
     try:
-        with open(ref, "rb") as f:
+        with open_local(ref) as f:
             st = os.fstat(f.fileno())
             if st.st_size < BY_REFERENCE_MIN_BYTES:
                 return None

@@ -108,16 +108,28 @@ def _list_folder(root: str, storage_options: dict[str, Any] | None) -> Source:
                 if not name.startswith("."):
                     files.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
     files.sort()
-    names = sorted({f.split("/", 1)[0] for f in files if "/" in f})
+    names = sorted({printable(f.split("/", 1)[0]) for f in files if "/" in f})
     classes = {name: i for i, name in enumerate(names)}
     items, rejected = [], []
     prefix = root.rstrip("/") if _is_url(root) else base
     for rel in files:
         if "/" not in rel:
-            rejected.append((rel, "not inside a class folder (SRC/<class>/<image>)"))
+            rejected.append((printable(rel), "not inside a class folder (SRC/<class>/<image>)"))
             continue
-        items.append(Item(f"{prefix}/{rel}", rel, classes[rel.split("/", 1)[0]]))
+        label = classes[printable(rel.split("/", 1)[0])]
+        items.append(Item(f"{prefix}/{rel}", printable(rel), label))
     return Source(classes=classes, items=items, rejected=rejected)
+
+
+def printable(name: str) -> str:
+    """NAME with bytes that are not UTF-8 escaped as ``\\xNN``.
+
+    Local file names are bytes; Python hands the undecodable ones over as lone
+    surrogates, which UTF-8 JSON (sample metadata, rejected.jsonl, the
+    manifest's class names) cannot hold. The file itself is still opened by
+    its real name.
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _read_table(url: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:

@@ -32,7 +32,9 @@ class EpochReport:
     were pad repeats (this rank); ``dropped``: samples of the epoch that no rank
     reads under the drop policy (all ranks, every split of an elastically resumed
     epoch included); ``corrupt``: keys skipped as
-    corrupt and replaced by a valid sample of the same batch.
+    corrupt and replaced by a valid sample of the same batch; ``retries``:
+    shard/index reads this process retried after an error while yielding this
+    epoch's batches (retries inside the storage client itself are not seen).
     """
 
     epoch: int
@@ -43,6 +45,7 @@ class EpochReport:
     repeated: int
     dropped: int
     corrupt: tuple[str, ...]
+    retries: int = 0
 
     @property
     def samples(self) -> int:

@@ -200,6 +200,7 @@ class Loader:
         self._corrupt: list[str] = []
         self._repeated = 0
         self._steps_seen = 0
+        self._retried_before = self.dataset.retried if self.dataset is not None else 0
 
     def _account(self, batch: Batch, repeated: int) -> None:
         self._keys.extend(batch.keys)
@@ -219,6 +220,8 @@ class Loader:
             repeated=self._repeated,
             dropped=plan.dropped_before + plan.split.num_dropped,
             corrupt=tuple(self._corrupt),
+            retries=(self.dataset.retried if self.dataset is not None else 0)
+            - self._retried_before,
         )
 
     # -- resume -----------------------------------------------------------------

@@ -58,6 +58,7 @@ class Dataset:
     max_read_bytes: int = 64 << 20
     _indexes: dict[int, ShardIndex | None] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _retried: int = field(default=0, repr=False)
 
     @classmethod
     def open(cls, cfg) -> Dataset:
@@ -79,6 +80,11 @@ class Dataset:
     def shard_names(self) -> list[str]:
         return [s.name for s in self.manifest.shards]
 
+    @property
+    def retried(self) -> int:
+        """Reads retried after an error so far (by this object, in this process)."""
+        return self._retried
+
     def _path(self, name: str) -> str:
         return f"{self.base}/{name}"
 
@@ -95,6 +101,8 @@ class Dataset:
                         f"attempt(s): {cause}"
                     ) from None
                 wait = self.retry_backoff_s * (2**attempt)
+                with self._lock:  # read-ahead threads retry concurrently
+                    self._retried += 1
                 log.warning("reading %s failed (%s); retrying in %.1f s", what, cause, wait)
                 time.sleep(wait)
         raise AssertionError("unreachable")

@@ -107,3 +107,31 @@ def test_truncated_shard_fails_naming_it(small_ds, tmp_path):
     ds = _open(str(root), retries=0)
     with pytest.raises(ShardReadError, match=r"shard-000001\.tar.*truncated"):
         ds.read_samples(1, np.arange(17))
+
+
+def test_retries_are_counted_in_the_epoch_report(small_ds, tmp_path):
+    import dataclasses
+    import shutil
+
+    from pipeline import World, build_loader
+
+    root = tmp_path / "ds"
+    shutil.copytree(small_ds, root)
+    os.remove(root / "shard-000005.tar")
+    cfg = LoaderConfig(
+        data=str(root), batch_size=8, image_size=32, recipe="small", num_workers=0,
+        retries=2, retry_backoff_s=0, read_ahead=0,
+    )  # fmt: skip
+    loader = build_loader(cfg, World())
+    with pytest.raises(ShardReadError):
+        for _ in loader:
+            pass
+    assert loader.dataset.retried == 2
+    assert loader.epoch_report().retries == 2
+    loader.set_epoch(1)  # a new epoch counts from zero
+    assert loader.epoch_report().retries == 0
+    loader.close()
+    clean = build_loader(dataclasses.replace(cfg, data=small_ds), World())
+    list(clean)
+    assert clean.epoch_report().retries == 0
+    clean.close()

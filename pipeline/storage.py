@@ -11,6 +11,7 @@ names the shard and the cause, never the credentials (those come from
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -38,6 +39,28 @@ MERGE_GAP_BYTES = 1 << 20  # read through gaps up to this size rather than issue
 
 class ShardReadError(RuntimeError):
     """A shard (or its index) could not be read after all retries."""
+
+
+@functools.cache
+def _retryable() -> tuple[type[BaseException], ...]:
+    """Exception types a read is retried on (and reported as ShardReadError after)."""
+    errors: list[type[BaseException]] = [
+        OSError,
+        TarFormatError,
+        ValueError,
+        RuntimeError,
+        TimeoutError,
+    ]
+    try:
+        # s3fs re-raises connection-level failures (refused, reset, closed before a
+        # response) as botocore's own types, which are not OSError. Imported only
+        # when a read fails: local datasets never need botocore.
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        pass
+    else:
+        errors.append(BotoCoreError)
+    return tuple(errors)
 
 
 def redact(url: str) -> str:
@@ -93,7 +116,7 @@ class Dataset:
         for attempt in range(attempts):
             try:
                 return fn()
-            except (OSError, TarFormatError, ValueError, RuntimeError, TimeoutError) as exc:
+            except _retryable() as exc:
                 cause = f"{type(exc).__name__}: {exc}"
                 if attempt + 1 == attempts:
                     raise ShardReadError(

@@ -135,3 +135,29 @@ def test_retries_are_counted_in_the_epoch_report(small_ds, tmp_path):
     list(clean)
     assert clean.epoch_report().retries == 0
     clean.close()
+
+
+@pytest.mark.s3
+def test_unreachable_s3_endpoint_is_a_shard_read_error(s3_server, s3_ds):
+    # s3fs raises connection failures as botocore types (not OSError): they must be
+    # retried and end as a ShardReadError naming the shard, like any other read error.
+    import socket
+
+    import s3fs
+
+    url, options = s3_ds
+    ds = _open(url, storage_options=options, retries=1, retry_backoff_s=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens here once closed
+    ds.fs = s3fs.S3FileSystem(
+        key=s3_server.access_key,
+        secret=s3_server.secret_key,
+        client_kwargs={"endpoint_url": dead, "region_name": "us-east-1"},
+        config_kwargs={"retries": {"max_attempts": 1}},
+        skip_instance_cache=True,
+    )
+    with pytest.raises(ShardReadError, match=r"index shard-000002\.idx .*after 2 attempt") as info:
+        ds.read_samples(2, np.arange(3))
+    assert "\n" not in str(info.value) and s3_server.secret_key not in str(info.value)
+    assert ds.retried == 1

@@ -188,6 +188,7 @@ class _ShardSink:
         return entry, publish
 
     def abort(self, exc: BaseException) -> None:
+        self.tar.close()  # its writer thread must stop before the file is discarded
         self._cm.__exit__(type(exc), exc, exc.__traceback__)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO, NamedTuple
 
 BLOCK = 512
@@ -159,7 +161,17 @@ class ShardTarWriter:
     ``finish()`` writes the end-of-archive trailer and returns the index text;
     ``bytes_written`` and ``sha256`` then describe the whole file, so the
     shard never has to be read again to be checksummed or indexed.
+
+    Bytes are gathered into blocks of about ``BLOCK_BYTES`` and one thread of
+    its own writes and hashes each block, in order. Both calls release the
+    GIL on blocks this big, so hashing and writing (or uploading, for an S3
+    sink) overlap with whatever produces the next samples instead of adding
+    to it; a write error surfaces at the next block or at ``finish()``.
+    Call ``close()`` (or ``finish()``) before closing the sink.
     """
+
+    BLOCK_BYTES = 1 << 20
+    MAX_QUEUED_BLOCKS = 8  # bounds memory: at most this many blocks wait to be written
 
     def __init__(self, sink: BinaryIO) -> None:
         self._sink = sink
@@ -169,11 +181,35 @@ class ShardTarWriter:
         self.first_key = ""
         self.last_key = ""
         self._idx_lines: list[str] = []
+        self._block: list[bytes] = []
+        self._block_bytes = 0
+        self._queued: deque[Future] = deque()
+        self._thread: ThreadPoolExecutor | None = None
+        self._finished = False
 
     def _write(self, data: bytes) -> None:
-        self._sink.write(data)
-        self._hash.update(data)
+        self._block.append(data)
+        self._block_bytes += len(data)
         self.bytes_written += len(data)
+        if self._block_bytes >= self.BLOCK_BYTES:
+            self._flush_block()
+
+    def _flush_block(self) -> None:
+        if not self._block:
+            return
+        block = b"".join(self._block) if len(self._block) > 1 else self._block[0]
+        self._block, self._block_bytes = [], 0
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-write")
+        self._queued.append(self._thread.submit(self._write_block, block))
+        while self._queued and (
+            len(self._queued) > self.MAX_QUEUED_BLOCKS or self._queued[0].done()
+        ):
+            self._queued.popleft().result()  # re-raises a failed write here
+
+    def _write_block(self, block: bytes) -> None:
+        self._sink.write(block)
+        self._hash.update(block)
 
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
         """Write one sample: members ``(ext, data)`` become ``<key>.<ext>``."""
@@ -202,12 +238,35 @@ class ShardTarWriter:
         return finished_size(self.bytes_written + chunk.nbytes)
 
     def finish(self) -> str:
-        """Write the trailer; return the DALI index text for what was written."""
+        """Write the trailer and wait for every byte to reach the sink; return the index text."""
         self._write(b"\x00" * (finished_size(self.bytes_written) - self.bytes_written))
+        self._flush_block()
+        self._drain(raise_errors=True)
+        self._finished = True
         return index_text(self._idx_lines)
+
+    def close(self) -> None:
+        """Stop the writer thread after an error, without raising: the shard is abandoned."""
+        self._block, self._block_bytes = [], 0
+        self._drain(raise_errors=False)
+
+    def _drain(self, *, raise_errors: bool) -> None:
+        try:
+            while self._queued:
+                future = self._queued.popleft()
+                if raise_errors:
+                    future.result()
+                else:
+                    future.exception()  # waits; the error is already being reported
+        finally:
+            if self._thread is not None:
+                self._thread.shutdown(wait=True, cancel_futures=True)
+                self._thread = None
 
     @property
     def sha256(self) -> str:
+        if not self._finished:
+            raise RuntimeError("sha256 is known only after finish()")
         return self._hash.hexdigest()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import subprocess
 import tarfile
@@ -25,7 +26,10 @@ def _tarfile_bytes(members):
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("sizes", [[0, 1], [511, 512, 513], [10_000, 3, 70_000]])
+# The last case spans several of the writer thread's 1 MiB blocks, one sample larger than a block.
+@pytest.mark.parametrize(
+    "sizes", [[0, 1], [511, 512, 513], [10_000, 3, 70_000], [700_000] * 3 + [2_500_000, 5]]
+)
 def test_same_bytes_as_tarfile(sizes):
     samples = [
         (f"{i:010d}", [("jpg", bytes([i % 251]) * n), ("cls", str(i).encode())])
@@ -44,6 +48,32 @@ def test_same_bytes_as_tarfile(sizes):
     expected = _tarfile_bytes([(f"{k}.{e}", d) for k, ms in samples for e, d in ms])
     assert buf.getvalue() == expected
     assert writer.bytes_written == len(expected)
+    assert writer.sha256 == hashlib.sha256(expected).hexdigest()
+
+
+class _FailingSink(io.BytesIO):
+    """A sink whose disk fills up after LIMIT bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def write(self, data) -> int:
+        if self.tell() + len(data) > self.limit:
+            raise OSError(28, "No space left on device")
+        return super().write(data)
+
+
+def test_write_error_surfaces_and_close_is_quiet():
+    # Written on the writer's own thread, the error must still reach the caller.
+    writer = ShardTarWriter(_FailingSink(3 << 20))
+    with pytest.raises(OSError, match="No space left"):
+        for i in range(40):
+            writer.add(f"{i:010d}", [("bin", bytes(200_000))])
+        writer.finish()
+    writer.close()  # abandoning the shard after the error raises nothing more
+    with pytest.raises(RuntimeError, match="after finish"):
+        _ = writer.sha256
 
 
 def test_keys_must_be_plain():

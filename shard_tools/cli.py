@@ -326,6 +326,16 @@ COMMANDS = {
 }
 
 
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    # s3fs re-raises connection-level failures as botocore's own types, which are
+    # not OSError; botocore is imported only once such a failure happens.
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``shard`` console script; returns the exit status."""
     from shard_tools.manifest import ManifestError
@@ -348,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except PermissionError as exc:
         print(f"{prog}: error: permission denied: {exc.filename or exc}", file=sys.stderr)
+        return 1
+    except _storage_errors() as exc:
+        # Storage that still fails after the S3 client's own retries (unreachable,
+        # connection reset, 503s): one line, and for pack the way to continue.
+        hint = "; rerun with --resume to continue" if args.command == "pack" else ""
+        cause = " ".join(str(exc).split())
+        print(f"{prog}: error: storage: {type(exc).__name__}: {cause}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (rerun pack with --resume to continue)", file=sys.stderr)

@@ -96,3 +96,23 @@ def test_endpoint_url_option_with_credentials_from_env(
     assert main(["verify", s3_prefix, "--endpoint-url", s3_server.endpoint_url]) == 0
     out, err = capsys.readouterr()
     assert s3_server.secret_key not in out + err
+
+
+def test_unreachable_endpoint_is_one_line_error(small_src, s3_server, monkeypatch, capsys):
+    import socket
+
+    import s3fs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens here once closed
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # fail fast: s3fs retries on its own too
+    s3fs.S3FileSystem.clear_instance_cache()
+    argv = ["pack", str(small_src), "s3://nowhere/ds", "--endpoint-url", dead, "--workers", "1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("shard pack: error: storage: ")
+    assert "--resume" in err and s3_server.secret_key not in err

@@ -2,16 +2,22 @@
 
 Each suite is a module with ``add_arguments(parser)`` and ``run(args) ->
 (list[Measurement], notes: dict)``; this file only dispatches and writes the
-results. ``args.quick`` and ``args.repeats`` are set for every suite.
+results. ``args.quick``, ``args.out`` and ``args.repeats`` are set for every
+suite. A suite may also define ``final_table(measurements, notes) -> str``,
+printed last. ``all`` runs every suite but ``gpu`` (the GPU machine's own
+run) and shares one work folder between them, so the data are extracted and
+packed once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from pathlib import Path
 
+from benchmarks import data
 from benchmarks.harness import markdown_table, write_results
 
 # suite name -> module; a suite whose module is missing is reported, not crashed on.
@@ -20,13 +26,17 @@ SUITES = {
     "pipeline": "benchmarks.pipeline_read",
     "train": "benchmarks.train_step",
     "e2e": "benchmarks.e2e",
+    "gpu": "benchmarks.gpu_suite",
 }
+IN_ALL = ("shard-write", "pipeline", "train", "e2e")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("suite", choices=[*SUITES, "all"], help="what to measure")
+    parser.add_argument(
+        "suite", choices=[*SUITES, "all"], help="what to measure (all: every suite but gpu)"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, one timed repetition")
     parser.add_argument(
         "--out", default=str(DEFAULT_OUT), help="results folder (default: %(default)s)"
@@ -36,31 +46,50 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     known, rest = parser.parse_known_args(argv)
-    names = list(SUITES) if known.suite == "all" else [known.suite]
+    names = list(IN_ALL) if known.suite == "all" else [known.suite]
     status = 0
-    for name in names:
-        try:
-            module = importlib.import_module(SUITES[name])
-        except ModuleNotFoundError as exc:
-            print(f"benchmarks: suite {name} is not available ({exc})", file=sys.stderr)
-            status = 1
-            continue
-        sub = argparse.ArgumentParser(prog=f"python -m benchmarks {name}")
-        module.add_arguments(sub)
-        args, unknown = sub.parse_known_args(rest)
-        if unknown and known.suite != "all":
-            sub.error(f"unrecognized arguments: {' '.join(unknown)}")
-        args.quick = known.quick
-        args.out = known.out
-        args.repeats = known.repeats or (1 if known.quick else 3)
-        print(f"== {name}{' (quick)' if known.quick else ''}", flush=True)
-        measurements, notes = module.run(args)
-        paths = write_results(name, measurements, known.out, notes=notes, plot=not known.no_plot)
-        print(markdown_table(measurements))
-        for k, v in (notes or {}).items():
-            print(f"- {k}: {v}")
-        print("wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
+    with contextlib.ExitStack() as stack:
+        shared_work = None
+        if known.suite == "all":
+            probe = argparse.ArgumentParser(add_help=False)
+            data.add_work_dir_argument(probe)
+            given = probe.parse_known_args(rest)[0].work_dir
+            shared_work = stack.enter_context(data.work_dir(given, "bench-all"))
+        for name in names:
+            status = max(status, _run_suite(name, known, rest, shared_work))
     return status
+
+
+def _run_suite(name: str, known, rest: list[str], shared_work: Path | None) -> int:
+    try:
+        module = importlib.import_module(SUITES[name])
+    except ModuleNotFoundError as exc:
+        print(f"benchmarks: suite {name} is not available ({exc})", file=sys.stderr)
+        return 1
+    sub = argparse.ArgumentParser(prog=f"python -m benchmarks {name}")
+    module.add_arguments(sub)
+    args, unknown = sub.parse_known_args(rest)
+    if unknown and known.suite != "all":
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if shared_work is not None and hasattr(args, "work_dir"):
+        args.work_dir = str(shared_work)
+    args.quick = known.quick
+    args.out = known.out
+    args.repeats = known.repeats or (1 if known.quick else 3)
+    print(f"== {name}{' (quick)' if known.quick else ''}", flush=True)
+    measurements, notes = module.run(args)
+    paths = write_results(name, measurements, known.out, notes=notes, plot=not known.no_plot)
+    print(markdown_table(measurements))
+    for k, v in (notes or {}).items():
+        print(f"- {k}: {v}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
+    final = getattr(module, "final_table", None)
+    if final is not None:
+        table = final(measurements, notes)
+        with open(paths["md"], "a") as f:
+            f.write("\n" + table)
+        print("\n" + table, flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,21 +17,20 @@ and an img/s-over-time trace of one fed run is plotted next to the results.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Measurement, measure
+from benchmarks import data
+from benchmarks.harness import Measurement, environment, measure, result_stem
 
 WORKERS = 2
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--work-dir", default=None, help="keep packed datasets here between runs")
+    data.add_work_dir_argument(parser)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per repetition")
     parser.add_argument(
         "--backends",
@@ -46,7 +45,7 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _trainer(model_name: str, num_classes: int, cifar_stem: bool, device: torch.device):
+def trainer(model_name: str, num_classes: int, cifar_stem: bool, device: torch.device):
     """A plain step function: forward, loss, backward, SGD step (bf16 autocast on GPU)."""
     from train.models import build_model
 
@@ -68,13 +67,14 @@ def _trainer(model_name: str, num_classes: int, cifar_stem: bool, device: torch.
     return step
 
 
-def _endless(make: callable) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def endless(make: Callable) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches from MAKE() epoch after epoch (a fresh iterator per epoch)."""
     while True:
         yield from make()
 
 
-def _loader_batches(cfg) -> tuple[callable, callable]:
+def loader_batches(cfg) -> tuple[Callable, Callable]:
+    """(make, close) for the pipeline loader of CFG: each make() starts the next epoch."""
     from pipeline import World, build_loader
 
     loader = build_loader(cfg, World())
@@ -88,16 +88,24 @@ def _loader_batches(cfg) -> tuple[callable, callable]:
     return make, loader.close
 
 
-def _wds_batches(root: str, batch: int, image_size: int) -> callable:
+def wds_batches(
+    root: str, batch: int, image_size: int, *, num_workers: int = WORKERS, resampled: bool = False
+) -> Callable:
+    """make() for the webdataset + DataLoader + PIL baseline over ROOT's shards: one
+    pass over them per call (endless with RESAMPLED: the workers start only once)."""
     from benchmarks.baselines import webdataset_loader
 
     urls = sorted(str(p) for p in Path(root).glob("shard-*.tar"))
     return lambda: webdataset_loader(
-        urls, batch_size=batch, image_size=image_size, num_workers=WORKERS
+        urls,
+        batch_size=batch,
+        image_size=image_size,
+        num_workers=num_workers,
+        resampled=resampled,
     )
 
 
-def _timed_steps(batches: Iterator, step, steps: int, trace: list[float] | None = None):
+def timed_steps(batches: Iterator, step, steps: int, trace: list[float] | None = None):
     """A RUN callable for measure(): STEPS training steps over BATCHES; returns images."""
 
     def run() -> int:
@@ -115,13 +123,16 @@ def _timed_steps(batches: Iterator, step, steps: int, trace: list[float] | None 
 
 
 def _pairs(args, work: Path) -> list[dict]:
-    from benchmarks.pipeline_read import _datasets
-
-    ds_args = type("A", (), {})()
-    ds_args.quick, ds_args.epochs, ds_args.only = args.quick, None, args.only
-    ds_args.cifar_limit = args.cifar_limit or (2000 if args.quick else 10000)
+    datasets = data.loader_datasets(
+        work,
+        quick=args.quick,
+        only=args.only,
+        cifar_limit=args.cifar_limit or (data.QUICK_CIFAR if args.quick else 10000),
+        epochs=None,
+        workers=WORKERS,
+    )
     pairs = []
-    for ds in _datasets(ds_args, work):
+    for ds in datasets:
         if ds["name"] == "cifar":
             models = [("seed_cnn", False), ("resnet18", True)]
         else:
@@ -143,9 +154,10 @@ def _measure_pair(p: dict, args, notes: dict, traces: dict) -> list[Measurement]
     steps = args.steps or (3 if args.quick else (20 if device.type == "cpu" else 200))
     if p["name"] == "imagenet" and device.type == "cpu" and not args.steps:
         steps = 2 if args.quick else 6  # a ResNet at 224 px trains at tens of img/s on 2 cores
-    batch = p["batch"] if device.type == "cuda" else min(p["batch"], 64)
+    # --quick on a CPU: batches of 8, or the ResNets alone take minutes.
+    batch = p["batch"] if device.type == "cuda" else min(p["batch"], 8 if args.quick else 64)
     items = steps * batch
-    step = _trainer(p["model"], num_classes, p["cifar_stem"], device)
+    step = trainer(p["model"], num_classes, p["cifar_stem"], device)
     common = dict(batch_size=batch, image_size=p["image_size"], recipe=p["recipe"],
                   num_workers=WORKERS, num_threads=WORKERS, seed=0, device=str(device))  # fmt: skip
     backends = (args.backends or ("dali-gpu,dali-cpu,torch" if device.type == "cuda" else "dali-cpu,torch")).split(",")  # fmt: skip
@@ -153,32 +165,32 @@ def _measure_pair(p: dict, args, notes: dict, traces: dict) -> list[Measurement]
     out: list[Measurement] = []
 
     def timed(name, batches, step_fn, baseline=ceiling, trace=None):
-        out.append(measure(name, _timed_steps(batches, step_fn, steps, trace), items=items,
+        out.append(measure(name, timed_steps(batches, step_fn, steps, trace), items=items,
                            repeats=args.repeats, baseline=baseline))  # fmt: skip
 
-    synth_make, synth_close = _loader_batches(
+    synth_make, synth_close = loader_batches(
         LoaderConfig(
             backend="synthetic", num_classes=num_classes, synthetic_samples=items, **common
         )
     )
-    timed(ceiling, _endless(synth_make), step, baseline=None)
+    timed(ceiling, endless(synth_make), step, baseline=None)
     synth_close()
     feeds = {}
     for backend in backends:
         try:
-            make, close = _loader_batches(LoaderConfig(data=p["root"], backend=backend, **common))
+            make, close = loader_batches(LoaderConfig(data=p["root"], backend=backend, **common))
         except (ImportError, ValueError, RuntimeError) as exc:
             notes[f"{tag}/{backend}"] = f"not measured: {exc}"
             continue
-        timed(f"loader-only/{backend}/{tag}", _endless(make), None)
+        timed(f"loader-only/{backend}/{tag}", endless(make), None)
         feeds[backend] = out[-1].median
         trace: list[float] = []
-        timed(f"train/{backend}/{tag}", _endless(make), step, trace=trace)
+        timed(f"train/{backend}/{tag}", endless(make), step, trace=trace)
         traces[f"train/{backend}/{tag}"] = (trace, batch)
         close()
     timed(
         f"train/wds-dataloader/{tag}",
-        _endless(_wds_batches(p["root"], batch, p["image_size"])),
+        endless(wds_batches(p["root"], batch, p["image_size"])),
         step,
     )
     compute = out[0].median
@@ -212,30 +224,21 @@ def _trace_plot(traces: dict, out_dir: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_dir / "e2e_img_per_s_over_time.png", dpi=100)
+    # Named like the suite's other outputs (what, where, when), plus what it shows.
+    fig.savefig(out_dir / f"{result_stem('e2e', environment())}_img_per_s_over_time.png", dpi=100)
     plt.close(fig)
 
 
 def run(args) -> tuple[list[Measurement], dict]:
-    tmp = None
-    if args.work_dir:
-        work = Path(args.work_dir)
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.mkdtemp(prefix="shardflow-e2e-bench-")
-        work = Path(tmp)
     notes: dict = {
         "device": str(_device()),
         "setup": f"one process, {WORKERS} loader workers/threads",
     }
     traces: dict = {}
-    try:
+    with data.work_dir(args.work_dir, "e2e-bench") as work:
         out: list[Measurement] = []
         for p in _pairs(args, work):
             print(f"-- {p['name']} / {p['model']}", flush=True)
             out += _measure_pair(p, args, notes, traces)
-        _trace_plot(traces, Path(getattr(args, "out", "benchmarks/results")))
-        return out, notes
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    _trace_plot(traces, Path(getattr(args, "out", "benchmarks/results")))
+    return out, notes

@@ -28,15 +28,13 @@ repository); with --quick and no data, synthetic images stand in.
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import Measurement, measure, shared_data
+from benchmarks import data
+from benchmarks.harness import Measurement, measure
 
 WORKERS = 2
 
@@ -46,11 +44,7 @@ def _load() -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--work-dir",
-        default=None,
-        help="where packed datasets are kept between runs (default: a temp dir, removed afterwards)",
-    )
+    data.add_work_dir_argument(parser)
     parser.add_argument(
         "--epochs",
         type=int,
@@ -61,99 +55,12 @@ def add_arguments(parser) -> None:
         "--cifar-limit",
         type=int,
         default=None,
-        help="CIFAR-10 train images to use (default: all 50,000; 5,000 with --quick)",
+        help="CIFAR-10 train images to use (default: all 50,000; 2,000 with --quick)",
     )
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 server measurements")
     parser.add_argument(
         "--only", default=None, help="comma-separated datasets to run: imagenet,cifar"
     )
-
-
-# -- data ------------------------------------------------------------------------
-def _imagenet_src(work: Path) -> str | None:
-    archive = shared_data() / "imagenet-sample-500.tar"
-    if not archive.exists():
-        return None
-    root = work / "src-imagenet"
-    table = root / "list.csv"
-    if not table.exists():
-        with tarfile.open(archive) as tf:
-            tf.extractall(root, filter="data")
-        with open(table, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "label"])
-            for p in sorted(root.rglob("*.JPEG")):
-                w.writerow([str(p), p.name.split("_", 1)[0]])
-    return str(table)
-
-
-def _cifar_src(work: Path, limit: int | None) -> str | None:
-    archive = shared_data() / "cifar10-jpeg.tar.gz"
-    if not archive.exists():
-        return None
-    root = work / f"src-cifar-{limit or 'all'}"
-    done = root / ".done"
-    if not done.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        with tarfile.open(archive) as tf:
-            tf.extractall(root, filter="data")
-        train = next(p for p in [root, *root.iterdir()] if (p / "train").is_dir()) / "train"
-        if limit:
-            per_class = max(1, limit // 10)
-            for cls in train.iterdir():
-                for extra in sorted(cls.iterdir())[per_class:]:
-                    extra.unlink()
-        done.write_text(str(train))
-    return done.read_text()
-
-
-def _synth_src(work: Path, name: str, per_class: int, size: int) -> str:
-    from shard_tools.synth import make_image_folder
-
-    root = work / f"src-{name}"
-    if not root.exists():
-        make_image_folder(root, num_classes=10, per_class=per_class, size=size)
-    return str(root)
-
-
-def _packed(src: str, dest: Path, max_count: int) -> str:
-    from shard_tools.pack import PackConfig, pack
-
-    if not (dest / "manifest.json").exists():
-        shutil.rmtree(dest, ignore_errors=True)
-        pack(
-            PackConfig(src=src, dest=str(dest), max_count=max_count, workers=WORKERS),
-            progress=False,
-        )
-    return str(dest)
-
-
-def _datasets(args, work: Path) -> list[dict]:
-    quick = args.quick
-    limit = args.cifar_limit or (5000 if quick else None)
-    out = []
-    only = set(args.only.split(",")) if args.only else {"imagenet", "cifar"}
-    if "imagenet" in only:
-        src = _imagenet_src(work)
-        if src is None and quick:
-            src = _synth_src(work, "photo-like", 50, 400)
-        if src is None:
-            raise SystemExit(
-                "imagenet-sample-500.tar not found (set SHARDFLOW_SHARED_DATA or use --quick)"
-            )
-        out.append(dict(name="imagenet", root=_packed(src, work / "imagenet", 100), batch=64,
-                        image_size=224, recipe="imagenet", epochs=args.epochs or (1 if quick else 4)))  # fmt: skip
-    if "cifar" in only:
-        src = _cifar_src(work, limit)
-        if src is None and quick:
-            src = _synth_src(work, "cifar-like", 500, 32)
-        if src is None:
-            raise SystemExit(
-                "cifar10-jpeg.tar.gz not found (set SHARDFLOW_SHARED_DATA or use --quick)"
-            )
-        out.append(dict(name="cifar", root=_packed(src, work / f"cifar-{limit or 'all'}", 5000),
-                        batch=256, image_size=32, recipe="small", epochs=args.epochs or 1))  # fmt: skip
-    return out
 
 
 # -- runners ---------------------------------------------------------------------
@@ -339,48 +246,47 @@ def _measure_dataset(ds: dict, s3, repeats: int, notes: dict) -> list[Measuremen
 
 
 def run(args) -> tuple[list[Measurement], dict]:
-    tmp = None
-    if args.work_dir:
-        work = Path(args.work_dir)
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.mkdtemp(prefix="shardflow-pipeline-bench-")
-        work = Path(tmp)
     notes: dict = {
         "setup": f"{WORKERS} torch workers / {WORKERS} DALI threads, fp32 NCHW channels_last out, "
         "train augmentation (ImageNet: random-resized-crop 224 + flip; CIFAR: pad 4 + crop 32 + flip)",
         "local reads": "local shards are in the page cache after the warm-up repetition",
     }
     server = None
-    try:
-        datasets = _datasets(args, work)
-        if not args.no_s3:
-            from shard_tools import s3_server
+    with data.work_dir(args.work_dir, "pipeline-bench") as work:
+        try:
+            datasets = data.loader_datasets(
+                work,
+                quick=args.quick,
+                only=args.only,
+                cifar_limit=args.cifar_limit or (data.QUICK_CIFAR if args.quick else None),
+                epochs=args.epochs,
+                workers=WORKERS,
+            )
+            if not args.no_s3:
+                from shard_tools import s3_server
 
-            shutil.rmtree(work / "s3", ignore_errors=True)  # a fresh store every run
-            server = s3_server.start(work / "s3", bucket="bench")
-            import fsspec
+                shutil.rmtree(work / "s3", ignore_errors=True)  # a fresh store every run
+                server = s3_server.start(work / "s3", bucket="bench")
+                import fsspec
 
-            fs = fsspec.filesystem("s3", **server.storage_options())
-            prefix = f"bench/run-{int(time.time())}"
-        out: list[Measurement] = []
-        notes["load average at start (1/5/15 min)"] = _load()
-        for ds in datasets:
-            s3 = None
+                fs = fsspec.filesystem("s3", **server.storage_options())
+                prefix = f"bench/run-{int(time.time())}"
+            out: list[Measurement] = []
+            notes["load average at start (1/5/15 min)"] = _load()
+            for ds in datasets:
+                s3 = None
+                if server is not None:
+                    url = f"s3://{prefix}/{ds['name']}"
+                    fs.put(ds["root"].rstrip("/") + "/", url, recursive=True)
+                    s3 = (url, server.storage_options())
+                print(f"-- {ds['name']}: {ds['root']}", flush=True)
+                out += _measure_dataset(ds, s3, args.repeats, notes)
+            # Other processes on the machine skew every figure; the ratios suffer least
+            # because the rounds are interleaved.
+            notes["load average at end (1/5/15 min)"] = _load()
+            return out, notes
+        finally:
             if server is not None:
-                url = f"s3://{prefix}/{ds['name']}"
-                fs.put(ds["root"].rstrip("/") + "/", url, recursive=True)
-                s3 = (url, server.storage_options())
-            print(f"-- {ds['name']}: {ds['root']}", flush=True)
-            out += _measure_dataset(ds, s3, args.repeats, notes)
-        # Other processes on the machine skew every figure; the ratios suffer least
-        # because the rounds are interleaved.
-        notes["load average at end (1/5/15 min)"] = _load()
-        return out, notes
-    finally:
-        if server is not None:
-            from shard_tools import s3_server
+                from shard_tools import s3_server
 
-            s3_server.stop(server)
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+                s3_server.stop(server)

@@ -21,15 +21,13 @@ run includes its own process start-up. Data: CIFAR-10 train (a subset with
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
-import tarfile
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from benchmarks import data
 from benchmarks.decode_worker import decode_files
 from benchmarks.harness import Measurement, measure, shared_data
 from shard_tools.pack import worker_context
@@ -43,74 +41,25 @@ def add_arguments(parser) -> None:
         "--cifar-limit",
         type=int,
         default=None,
-        help="images of CIFAR-10 train to use (default: all; 5000 with --quick)",
+        help="images of CIFAR-10 train to use (default: all; 2000 with --quick)",
     )
-    parser.add_argument(
-        "--work-dir", default=None, help="scratch folder (default: a temp dir, removed afterwards)"
-    )
+    data.add_work_dir_argument(parser)
 
 
-def _cifar(work: Path, limit: int | None) -> tuple[str, list[Path]] | None:
-    archive = shared_data() / "cifar10-jpeg.tar.gz"
-    if not archive.exists():
-        return None
-    root = work / "cifar"
-    with tarfile.open(archive) as tf:
-        tf.extractall(root, filter="data")
-    train = next(p for p in [root, *root.iterdir()] if (p / "train").is_dir()) / "train"
-    if limit:
-        # An even subset: the first LIMIT/10 files of every class.
-        per_class = max(1, limit // 10)
-        for cls in train.iterdir():
-            for extra in sorted(cls.iterdir())[per_class:]:
-                extra.unlink()
-    return str(train), sorted(train.rglob("*.jpg"))
-
-
-def _imagenet(work: Path) -> tuple[str, list[Path]] | None:
-    archive = shared_data() / "imagenet-sample-500.tar"
-    if not archive.exists():
-        return None
-    root = work / "imagenet"
-    with tarfile.open(archive) as tf:
-        tf.extractall(root, filter="data")
-    files = sorted(root.rglob("*.JPEG"))
-    table = root / "list.csv"
-    with open(table, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label"])
-        for p in files:
-            w.writerow([str(p), p.name.split("_", 1)[0]])
-    return str(table), files
-
-
-def _synth(work: Path, name: str, per_class: int, size: int) -> tuple[str, list[Path]]:
-    from shard_tools.synth import make_image_folder
-
-    root = make_image_folder(work / name, num_classes=10, per_class=per_class, size=size)
-    return str(root), sorted(root.rglob("*.jpg"))
-
-
-def _label_of(src: str, path: Path) -> str:
-    return path.name.split("_", 1)[0] if src.endswith(".csv") else path.parent.name
-
-
-def _shardwriter_copy(src: str, files: list[Path], out: Path) -> int:
+def _shardwriter_copy(source: data.Source, out: Path) -> int:
     import webdataset as wds
 
     out.mkdir(parents=True)
-    labels = sorted({_label_of(src, p) for p in files})
-    ids = {name: i for i, name in enumerate(labels)}
+    ids = {name: i for i, name in enumerate(sorted(set(source.labels)))}
     with wds.ShardWriter(
         str(out / "shard-%06d.tar"), maxcount=10_000, maxsize=256e6, verbose=0
     ) as sink:
-        for i, path in enumerate(files):
-            label = _label_of(src, path)
+        for i, (path, label) in enumerate(zip(source.files, source.labels, strict=True)):
             meta = {"source": str(path), "label": ids[label], "class": label}
             sink.write(
                 {"__key__": f"{i:010d}", "jpg": path.read_bytes(), "cls": ids[label], "json": meta}
             )
-    return len(files)
+    return len(source.files)
 
 
 def _decode_only(files: list[Path]) -> int:
@@ -146,16 +95,15 @@ def _with_mb(m: Measurement, mb: float) -> Measurement:
     )
 
 
-def _measure_dataset(
-    name: str, src: str, files: list[Path], work: Path, repeats: int
-) -> list[Measurement]:
+def _measure_dataset(name: str, source: data.Source, work: Path, repeats: int) -> list[Measurement]:
+    src, files = source.src, source.files
     n = len(files)
-    mb = sum(p.stat().st_size for p in files) / 1e6
+    mb = source.mb
     params = {"images": n, "source_mb": round(mb, 1), "workers": WORKERS}
-    out = work / "out"
+    out = work / "out-shard-write"
     a = measure(
         f"{name}/a wds-shardwriter",
-        lambda: _shardwriter_copy(src, files, _fresh(out)),
+        lambda: _shardwriter_copy(source, _fresh(out)),
         items=n,
         repeats=repeats,
         params=params,
@@ -188,47 +136,42 @@ def _measure_dataset(
 
 
 def run(args) -> tuple[list[Measurement], dict]:
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="shard-write-"))
-    work.mkdir(parents=True, exist_ok=True)
     # Other processes on the machine skew every figure here: record how busy it was.
     notes: dict = {"load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
-    try:
-        limit = args.cifar_limit or (5000 if args.quick else None)
+    with data.work_dir(args.work_dir, "shard-write") as work:
+        limit = args.cifar_limit or (data.QUICK_CIFAR if args.quick else None)
         datasets = []
-        cifar = _cifar(work, limit)
-        imagenet = _imagenet(work)
+        cifar = data.cifar10(work, limit=limit)
+        imagenet = data.imagenet_sample(work)
         if cifar:
-            datasets.append(("cifar10", *cifar))
+            datasets.append(("cifar10", cifar))
         if imagenet:
-            datasets.append(("imagenet500", *imagenet))
+            datasets.append(("imagenet500", imagenet))
         if not datasets:
             if not args.quick:
                 raise SystemExit(
                     f"shard-write: no data under {shared_data()} (use --quick for synthetic images)"
                 )
             datasets = [
-                ("synth32", *_synth(work, "synth32", 200, 32)),
-                ("synth256", *_synth(work, "synth256", 20, 256)),
+                ("synth32", data.synthetic(work, "synth32", per_class=200, size=32)),
+                ("synth256", data.synthetic(work, "synth256", per_class=20, size=256)),
             ]
             notes["data"] = "synthetic images (shared data not found)"
         results: list[Measurement] = []
-        for name, src, files in datasets:
-            print(f"-- {name}: {len(files):,} images", flush=True)
-            results += _measure_dataset(name, src, files, work, args.repeats)
-        by = {m.name: m for m in results}
-        for name, *_ in datasets:
-            for x, base in (
-                ("b pack-novalidate", "a wds-shardwriter"),
-                ("d pack-validate", "c decode-only"),
-            ):
-                ratio = by[f"{name}/{x}"].median / by[f"{name}/{base}"].median
-                notes[f"{name} {x[0]}/{base[0]}"] = round(ratio, 3)
-        notes["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
-        notes["goals"] = "b/a >= 1.0, d/c >= 0.9 (2 workers on 2 cores)"
-        notes["timing"] = json.dumps(
-            {"warmup": 1, "repeats": args.repeats, "includes": "process start-up"}
-        )
-        return results, notes
-    finally:
-        if not args.work_dir:
-            shutil.rmtree(work, ignore_errors=True)
+        for name, source in datasets:
+            print(f"-- {name}: {len(source.files):,} images", flush=True)
+            results += _measure_dataset(name, source, work, args.repeats)
+    by = {m.name: m for m in results}
+    for name, _ in datasets:
+        for x, base in (
+            ("b pack-novalidate", "a wds-shardwriter"),
+            ("d pack-validate", "c decode-only"),
+        ):
+            ratio = by[f"{name}/{x}"].median / by[f"{name}/{base}"].median
+            notes[f"{name} {x[0]}/{base[0]}"] = round(ratio, 3)
+    notes["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    notes["goals"] = "b/a >= 1.0, d/c >= 0.9 (2 workers on 2 cores)"
+    notes["timing"] = json.dumps(
+        {"warmup": 1, "repeats": args.repeats, "includes": "process start-up"}
+    )
+    return results, notes

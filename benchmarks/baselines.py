@@ -60,13 +60,24 @@ def webdataset_loader(
     train: bool = True,
     num_workers: int = 2,
     shuffle_buffer: int = 1000,
+    resampled: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """A plain webdataset + DataLoader pipeline over URLS (local paths or s3://)."""
+    """A plain webdataset + DataLoader pipeline over URLS (local paths or s3://).
+
+    One pass over the shards, or with RESAMPLED an endless stream (each worker
+    draws shards at random, as webdataset's docs advise for multi-worker
+    training): worker start-up is then paid once, not once per pass.
+    """
     import webdataset as wds
 
-    dataset = wds.WebDataset(
-        urls, shardshuffle=False, nodesplitter=wds.split_by_node, empty_check=False
-    )
+    if resampled:
+        dataset = wds.WebDataset(
+            urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node, seed=0
+        )
+    else:
+        dataset = wds.WebDataset(
+            urls, shardshuffle=False, nodesplitter=wds.split_by_node, empty_check=False
+        )
     if train and shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer)
     dataset = dataset.map(_Decode(image_size, train)).batched(batch_size, partial=True)

@@ -44,6 +44,8 @@ from shard_tools.tarwrite import ChangedFileError, ShardTarWriter
 
 BATCH = 32  # inputs per worker task: big enough to amortise IPC for tiny images
 IN_FLIGHT_PER_WORKER = 4
+# Local shards are flushed to disk as they grow (see ShardTarWriter), not all at the end.
+SYNC_EVERY = 8 << 20
 
 
 class PackError(Exception):
@@ -152,7 +154,9 @@ class _ShardSink:
         self.name = SHARD_PATTERN.format(index=index)
         self.index_name = self.name[: -len(".tar")] + INDEX_SUFFIX
         self._cm = dest.atomic_writer(self.name)
-        self.tar = ShardTarWriter(self._cm.__enter__())
+        self.tar = ShardTarWriter(
+            self._cm.__enter__(), sync_every=SYNC_EVERY if dest.is_local else None
+        )
         self.rejected: list[tuple[str, str]] = []
         self.class_counts: dict[int, int] = {}
 

@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from train import distributed
+from train import distributed, transfer
 from train.checkpoint import CheckpointError, load, load_weights, model_weights
 from train.config import BACKENDS, DataConfig, OneLineParser
 from train.data import check_same_classes, dataset_classes, loader_config, make_loader
-from train.models import build_model
 
 
 @torch.no_grad()
@@ -109,7 +108,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     if meta.get("classes"):
         check_same_classes(meta["classes"], args.checkpoint, data_classes, args.data)
-    model = build_model(meta["model"], meta["num_classes"], cifar_stem=meta["cifar_stem"])
+    # Through transfer.build_for: a channel-pruned checkpoint records its widths.
+    source = transfer.Source(url=args.checkpoint, weights={}, meta=dict(meta))
+    model = transfer.build_for(
+        source, meta["model"], meta["num_classes"], cifar_stem=meta["cifar_stem"]
+    )
     if args.ema:
         if not state.get("ema"):
             raise CheckpointError(

@@ -115,6 +115,15 @@ def test_structured_pruning_makes_a_smaller_working_model(tmp_path, trained, tin
     saved = torch.load(_ckpts(tmp_path / "slimft")[-1], weights_only=True)
     assert saved["meta"]["widths"] == [4, 11]
     assert saved["model"]["conv2.weight"].shape == (11, 4, 5, 5)
+    # python -m train.evaluate rebuilds the slim architecture too.
+    from train import evaluate
+
+    result = evaluate.run(
+        evaluate._parse(["--checkpoint", str(_ckpts(tmp_path / "slimft")[-1]),
+                         "--data", str(tiny_train), "--backend", "torch", "--num-workers", "0",
+                         "--batch-size", "20", "--device", "cpu"])
+    )  # fmt: skip
+    assert result["samples"] > 0 and 0.0 <= result["top1"] <= 1.0
 
 
 def test_prune_cli_errors_are_one_line(tmp_path, trained):

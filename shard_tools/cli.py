@@ -338,7 +338,7 @@ def _storage_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``shard`` console script; returns the exit status."""
-    from shard_tools.manifest import ManifestError
+    from shard_tools.manifest import CREDENTIALS_HINT, ManifestError
     from shard_tools.pack import PackError
     from shard_tools.resume import ResumeError
     from shard_tools.sources import SourceError
@@ -357,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: error: not found: {exc.filename or exc}", file=sys.stderr)
         return 1
     except PermissionError as exc:
-        print(f"{prog}: error: permission denied: {exc.filename or exc}", file=sys.stderr)
+        # A local file has a name; an object store refusal (wrong secret) only says "Forbidden".
+        where = exc.filename or f"{exc}; {CREDENTIALS_HINT}"
+        print(f"{prog}: error: permission denied: {where}", file=sys.stderr)
         return 1
     except _storage_errors() as exc:
         # Storage that still fails after the S3 client's own retries (unreachable,

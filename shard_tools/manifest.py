@@ -24,6 +24,12 @@ SHARD_PATTERN = "shard-{index:06d}.tar"
 INDEX_SUFFIX = ".idx"
 
 
+CREDENTIALS_HINT = (
+    "check the storage credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the profile, "
+    "or storage_options)"
+)
+
+
 class ManifestError(ValueError):
     """A manifest that is missing, malformed or of an unknown format version."""
 
@@ -129,4 +135,7 @@ def read_manifest(root: str, storage_options: dict[str, Any] | None = None) -> M
             f"no {MANIFEST_NAME} under {root}: not a shardflow dataset, or its pack did "
             "not finish (run `shard pack ... --resume` to complete it)"
         ) from None
+    except PermissionError as exc:
+        # Object stores answer a wrong secret with a bare "Forbidden": say what was read.
+        raise ManifestError(f"access denied reading {url} ({exc}): {CREDENTIALS_HINT}") from None
     return Manifest.from_json(text, source=url)

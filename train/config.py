@@ -86,7 +86,8 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     model: str = _opt(
-        "seed_cnn", "network: seed_cnn, cifar_fast, resnet18, resnet50 (default: %(default)s)"
+        "seed_cnn",
+        "network: seed_cnn, cifar_fast, cifar_fast_s, resnet18, resnet50 (default: %(default)s)",
     )
     num_classes: int = _opt(0, "class count (default: 0 = read from the dataset manifest)")
     cifar_stem: bool = _opt(

@@ -108,6 +108,14 @@ MODELS: dict[str, ModelSpec] = {
     "cifar_fast": ModelSpec(
         build=lambda n, _stem: CifarFast(n), head="fc", native_size=32, small_native_size=32
     ),
+    # cifar_fast at an eighth of the width (about 7x fewer MACs): a teacher that
+    # trains in minutes on a CPU, for distillation experiments without a GPU.
+    "cifar_fast_s": ModelSpec(
+        build=lambda n, _stem: CifarFast(n, widths=(32, 64, 128)),
+        head="fc",
+        native_size=32,
+        small_native_size=32,
+    ),
     "resnet18": ModelSpec(
         build=_resnet("resnet18"), head="fc", native_size=224, small_native_size=32
     ),

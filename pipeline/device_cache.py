@@ -16,6 +16,7 @@ without reading or decoding after the first epoch. ``cache_max_gb`` bounds it.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from pipeline.batch import Batch
 from pipeline.reader import CorruptDataError, to_sample
 from pipeline.torch_backend import Normalizer
+
+log = logging.getLogger("pipeline")
 
 
 class DeviceCacheBackend:
@@ -62,6 +65,7 @@ class DeviceCacheBackend:
         valid = np.zeros(n, dtype=bool)
         keys: list[str] = [""] * n
         problems: dict[int, str] = {}
+        names = self.dataset.shard_names
         for shard, count in enumerate(self.dataset.manifest.shard_sizes):
             raws = self.dataset.read_samples(shard, np.arange(count))
             for i, raw in enumerate(raws):
@@ -70,6 +74,7 @@ class DeviceCacheBackend:
                 keys[row], labels[row] = s.key, s.label
                 if s.problem is not None:
                     problems[row] = s.problem
+                    _warn(s.key, names[shard], i, s.problem)
                     continue
                 try:
                     buf = torch.frombuffer(bytearray(s.image), dtype=torch.uint8)
@@ -78,6 +83,7 @@ class DeviceCacheBackend:
                         img = decode_image(buf, ImageReadMode.RGB)
                 except RuntimeError as exc:
                     problems[row] = f"decode failed: {exc}"
+                    _warn(s.key, names[shard], i, problems[row])
                     continue
                 if img.shape[1:] != (size, size):
                     img = resize(img, [size, size], antialias=True)
@@ -114,6 +120,11 @@ class DeviceCacheBackend:
 
     def close(self) -> None:
         self.images = None
+
+
+def _warn(key: str, shard_name: str, index: int, problem: str) -> None:
+    # Worded as the streaming backends word it (pipeline.reader), so logs read the same.
+    log.warning("skipping corrupt sample %s (%s#%d): %s", key, shard_name, index, problem)
 
 
 def _uniform(n: int, lo: float, hi: float, gen, device) -> torch.Tensor:

@@ -9,6 +9,7 @@ index that cannot be read ends the epoch with one line that names the file.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -132,7 +133,8 @@ def _message(exc: BaseException, root: Path) -> str:
 
 
 @pytest.mark.parametrize(("backend", "fault"), _params())
-def test_backend_survives_or_names_the_file(clean_ds, tmp_path, backend, fault, figures):
+def test_backend_survives_or_names_the_file(clean_ds, tmp_path, backend, fault, figures, caplog):
+    caplog.set_level(logging.WARNING, logger="pipeline")
     root, damaged = _damaged_copy(clean_ds, tmp_path, fault)
     cfg = LoaderConfig(data=str(root), batch_size=BATCH, image_size=32, recipe="small", seed=3,
                        shuffle_buffer=16, retries=1, retry_backoff_s=0, **BACKENDS[backend])  # fmt: skip
@@ -147,6 +149,7 @@ def test_backend_survives_or_names_the_file(clean_ds, tmp_path, backend, fault, 
         loader.close()
     report = loader.epoch_report()
     completed = error is None and len(batches) == STEPS
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
     figures(
         "read",
         fault,
@@ -155,7 +158,7 @@ def test_backend_survives_or_names_the_file(clean_ds, tmp_path, backend, fault, 
         skipped_and_replaced=len(report.corrupt),
         batches_before_error="-" if error is None else len(batches),
         epoch_completed="yes" if completed else "no",
-        message="-" if error is None else _message(error, root),
+        message=_message(error, root) if error else (warned[0] if warned else "(no log line)"),
     )
 
     if FAULTS[fault][1] == "replace":
@@ -166,6 +169,8 @@ def test_backend_survives_or_names_the_file(clean_ds, tmp_path, backend, fault, 
         assert delivered | set(report.corrupt) == _all_keys(clean_ds)  # nothing else lost
         assert all(torch.isfinite(b.images).all() for b in batches)
         assert all(len(b) == BATCH for b in batches)
+        for key in report.corrupt:  # each skip is also said in the log, naming the sample
+            assert any(key in line for line in warned), (key, warned)
         if fault.startswith("image headers"):
             assert set(report.corrupt) == damaged  # every backend detects these
     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from typing import Any
@@ -164,13 +165,36 @@ def cpu_img_per_s(
             return n / elapsed
 
 
-def stats(model: nn.Module, image_size: int, *, bench_s: float) -> dict[str, float]:
+def stats(model: nn.Module, image_size: int) -> dict[str, float]:
     params = sum(p.numel() for p in model.parameters())
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
-    out = {"params": params, "nonzero": nonzero, "macs": count_macs(model, image_size)}
-    if bench_s > 0:
-        out["cpu_img_per_s"] = round(cpu_img_per_s(model, image_size, seconds=bench_s), 1)
-    return out
+    return {"params": params, "nonzero": nonzero, "macs": count_macs(model, image_size)}
+
+
+def compare_speed(
+    before: nn.Module, after: nn.Module, image_size: int, *, seconds: float, repeats: int
+) -> dict[str, Any]:
+    """CPU inference img/s of both models, timed in alternation REPEATS times.
+
+    Alternating spreads whatever else runs on the machine over both models
+    alike; the medians and their ratio are reported with every run.
+    """
+    runs: dict[str, list[float]] = {"before": [], "after": []}
+    for _ in range(repeats):
+        for key, model in (("before", before), ("after", after)):
+            runs[key].append(round(cpu_img_per_s(model, image_size, seconds=seconds), 1))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {
+        "batch": 256,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "seconds_each": seconds,
+        "before_runs": runs["before"],
+        "after_runs": runs["after"],
+        "median_before": med["before"],
+        "median_after": med["after"],
+        "speedup": round(med["after"] / med["before"], 3),
+    }
 
 
 def prune_checkpoint(
@@ -218,8 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsity", required=True, type=float, help="fraction removed, in [0, 1)")
     p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
     p.add_argument("--prune-head", action="store_true", help="global-magnitude: prune the head too")
-    p.add_argument("--bench-seconds", type=float, default=1.0,
-                   help="CPU inference timing per model, seconds (0 = skip; default: 1.0)")  # fmt: skip
+    p.add_argument("--bench-seconds", type=float, default=0.5,
+                   help="CPU inference timing per model and repeat, seconds (0 = skip; default: 0.5)")  # fmt: skip
+    p.add_argument("--bench-repeats", type=int, default=5,
+                   help="timings per model, alternating; medians reported (default: 5)")  # fmt: skip
     p.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads for timing (0 = default)"
     )
@@ -236,10 +262,17 @@ def main(argv: list[str] | None = None) -> int:
             "method": args.method,
             "sparsity": args.sparsity,
             "out": args.out,
-            "before": stats(before, size, bench_s=args.bench_seconds),
-            "after": stats(after, size, bench_s=args.bench_seconds),
+            "before": stats(before, size),
+            "after": stats(after, size),
             "widths": payload["meta"].get("widths"),
         }
+        if args.bench_seconds > 0:
+            bench = compare_speed(
+                before, after, size, seconds=args.bench_seconds, repeats=args.bench_repeats
+            )
+            summary["bench"] = bench
+            summary["before"]["cpu_img_per_s"] = bench["median_before"]
+            summary["after"]["cpu_img_per_s"] = bench["median_after"]
         with fsspec.open(args.out, "wb") as f:
             torch.save(payload, f)
     except (ValueError, OSError) as exc:

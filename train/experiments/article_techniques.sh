@@ -85,12 +85,12 @@ done
 # Pruning: the teacher at 50% global sparsity + a short fine-tune with masks kept;
 # seed_cnn (the no-teacher seed-0 run) with 30% of its channels removed + the same fine-tune.
 "$PY" -m train.prune --checkpoint "$TEACHER" --method global-magnitude --sparsity 0.5 \
-    --out "$WORK/teacher-gm50.pt" --threads 2 --json > "$WORK/prune-gm50.json"
+    --out "$WORK/teacher-gm50.pt" --threads 2 --bench-repeats 7 --json > "$WORK/prune-gm50.json"
 train "$R/prune-gm50-ft" --model "$TEACHER_MODEL" --data "$D/all-train" --val-data "$D/all-test" \
     --epochs "$PRUNE_FT_EPOCHS" --init-from "$WORK/teacher-gm50.pt" --keep-masks --backbone-lr-mult 1 --lr 0.01
 S0=$(last_ckpt "$R/kd-none-s${SEEDS%% *}")
 "$PY" -m train.prune --checkpoint "$S0" --method structured-channels --sparsity 0.3 \
-    --out "$WORK/seed-ch30.pt" --threads 2 --json > "$WORK/prune-ch30.json"
+    --out "$WORK/seed-ch30.pt" --threads 2 --bench-repeats 7 --json > "$WORK/prune-ch30.json"
 train "$R/prune-ch30-ft" --model seed_cnn --data "$D/all-train" --val-data "$D/all-test" \
     --epochs "$PRUNE_FT_EPOCHS" --init-from "$WORK/seed-ch30.pt" --backbone-lr-mult 1 --lr 0.01
 

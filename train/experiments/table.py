@@ -1,4 +1,9 @@
-"""Summarise an article_techniques.sh work dir as a Markdown table (stdout)."""
+"""Summarise an article_techniques.sh work dir as Markdown tables (stdout).
+
+Each row names its model and budget (read from the run's config.json, so a
+reduced run is labelled as what it was), the mean over seeds with each seed's
+value, and the difference to the row it is compared with, beside the target.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,44 @@ from pathlib import Path
 from statistics import mean
 
 
+def _rows(run: Path) -> list[dict]:
+    try:
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    except OSError:
+        return []
+
+
 def top1(run: Path) -> float | None:
     """Final test top-1 (percent) of a finished run, None when it is missing."""
-    try:
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    except OSError:
-        return None
-    evals = [r for r in rows if r.get("event") == "eval"]
+    evals = [r for r in _rows(run) if r.get("event") == "eval"]
     return 100 * evals[-1]["top1"] if evals else None
 
 
-def fmt_mean(runs: list[Path]) -> str:
-    vals = [v for v in map(top1, runs) if v is not None]
+def budget(runs: list[Path]) -> str:
+    """'model, E epochs, N steps' of the first run that has a config and a summary."""
+    for run in runs:
+        try:
+            cfg = json.loads((run / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        steps = [r.get("step") for r in _rows(run) if r.get("event") == "summary"]
+        text = f"{cfg['model']['model']}, {cfg['run']['epochs']} ep"
+        return text + (f", {steps[-1]} steps" if steps and steps[-1] else "")
+    return "n/a"
+
+
+def values(runs: list[Path]) -> list[float]:
+    return [v for v in map(top1, runs) if v is not None]
+
+
+def cell(vals: list[float]) -> str:
     if not vals:
         return "n/a"
-    each = ", ".join(f"{v:.1f}" for v in vals)
-    return f"{mean(vals):.2f} ({each})"
+    return f"{mean(vals):.2f} ({', '.join(f'{v:.1f}' for v in vals)})"
+
+
+def delta(vals: list[float], base: list[float]) -> str:
+    return f"{mean(vals) - mean(base):+.2f}" if vals and base else "n/a"
 
 
 def main() -> None:
@@ -33,24 +60,63 @@ def main() -> None:
     a = p.parse_args()
     w = Path(a.work)
     r = w / "runs"
-    out = ["| experiment | variant | test top-1 % (mean of seeds; each) |", "|---|---|---|"]
-    for v in ("scratch", "features", "finetune", "finetune1x"):
-        runs = [r / f"tl-{v}-s{s}" for s in a.seeds]
-        out.append(f"| transfer, classes 5-9 at 10% | {v} | {fmt_mean(runs)} |")
-    out.append(f"| distillation | teacher | {fmt_mean([r / 'teacher'])} |")
-    for v, label in (("none", "seed_cnn alone"), ("teacher", "seed_cnn + teacher")):
-        out.append(
-            f"| distillation | {label} | {fmt_mean([r / f'kd-{v}-s{s}' for s in a.seeds])} |"
-        )
-    out.append(f"| pruning | teacher dense | {fmt_mean([r / 'teacher'])} |")
-    out.append(f"| pruning | teacher 50% global + fine-tune | {fmt_mean([r / 'prune-gm50-ft'])} |")
+    seeds = a.seeds
+
+    def runs(prefix: str) -> list[Path]:
+        return [r / f"{prefix}-s{s}" for s in seeds]
+
+    out = [
+        f"Pretraining on classes 0-4: {budget([r / 'pretrain'])}, "
+        f"top-1 on classes 0-4 not evaluated (its checkpoint is the source).",
+        "",
+        "| transfer: classes 5-9, 10% of their training images | budget | "
+        "test top-1 % (mean; each seed) | vs scratch | target |",
+        "|---|---|---|---|---|",
+    ]
+    scratch = values(runs("tl-scratch"))
+    for v, label, target in (
+        ("scratch", "from scratch", ""),
+        ("features", "features (frozen backbone, new head)", ">= +5"),
+        ("finetune", "finetune, backbone lr x0.1", ">= +5"),
+        ("finetune1x", "finetune, backbone lr x1", ""),
+    ):
+        vals = values(runs(f"tl-{v}"))
+        d = "" if v == "scratch" else delta(vals, scratch)
+        out.append(f"| {label} | {budget(runs(f'tl-{v}'))} | {cell(vals)} | {d} | {target} |")
+
+    teacher = values([r / "teacher"])
+    none = values(runs("kd-none"))
+    out += [
+        "",
+        "| distillation: CIFAR-10, all classes | budget | test top-1 % (mean; each seed) "
+        "| vs no teacher | target |",
+        "|---|---|---|---|---|",
+        f"| teacher | {budget([r / 'teacher'])} | {cell(teacher)} | | |",
+        f"| seed_cnn alone | {budget(runs('kd-none'))} | {cell(none)} | | |",
+    ]
+    kd = values(runs("kd-teacher"))
     out.append(
-        f"| pruning | seed_cnn dense (seed {a.seeds[0]}) | {fmt_mean([r / f'kd-none-s{a.seeds[0]}'])} |"
+        f"| seed_cnn + teacher | {budget(runs('kd-teacher'))} | {cell(kd)} "
+        f"| {delta(kd, none)} | >= +1 |"
     )
-    out.append(
-        f"| pruning | seed_cnn 30% channels + fine-tune | {fmt_mean([r / 'prune-ch30-ft'])} |"
-    )
-    out += ["", "| pruned model | params | non-zeros | MACs | CPU img/s |", "|---|---|---|---|---|"]
+
+    gm = values([r / "prune-gm50-ft"])
+    dense_s = values([r / f"kd-none-s{seeds[0]}"])
+    ch = values([r / "prune-ch30-ft"])
+    out += [
+        "",
+        "| pruning | fine-tune budget | test top-1 % | vs dense | target |",
+        "|---|---|---|---|---|",
+        f"| teacher, dense | | {cell(teacher)} | | |",
+        f"| teacher, 50% global magnitude + fine-tune (masks kept) "
+        f"| {budget([r / 'prune-gm50-ft'])} | {cell(gm)} | {delta(gm, teacher)} | >= -1 |",
+        f"| seed_cnn (seed {seeds[0]}), dense | | {cell(dense_s)} | | |",
+        f"| seed_cnn, 30% of channels removed + fine-tune "
+        f"| {budget([r / 'prune-ch30-ft'])} | {cell(ch)} | {delta(ch, dense_s)} | >= -2 |",
+        "",
+        "| pruned model | params | non-zeros | MACs | CPU inference img/s |",
+        "|---|---|---|---|---|",
+    ]
     for name, label in (
         ("prune-gm50.json", "teacher 50% global"),
         ("prune-ch30.json", "seed_cnn 30% channels"),
@@ -60,8 +126,15 @@ def main() -> None:
         except (OSError, ValueError):
             continue
         b, af = s["before"], s["after"]
-        cells = [f"{b[k]:,} -> {af[k]:,}" for k in ("params", "nonzero", "macs", "cpu_img_per_s")]
-        out.append(f"| {label} | " + " | ".join(cells) + " |")
+        cells = [f"{b[k]:,} -> {af[k]:,}" for k in ("params", "nonzero", "macs")]
+        speed = f"{b['cpu_img_per_s']:,.0f} -> {af['cpu_img_per_s']:,.0f}"
+        bench = s.get("bench") or {}
+        if bench:
+            speed += (
+                f" = x{bench['speedup']:.2f} (median of {bench['repeats']}, batch "
+                f"{bench['batch']}, {bench['threads']} threads)"
+            )
+        out.append(f"| {label} | " + " | ".join([*cells, speed]) + " |")
     print("\n".join(out))
 
 

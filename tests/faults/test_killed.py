@@ -3,11 +3,9 @@
 Packer: a child `shard pack` counts the points where a kill can land (before
 each sample is written, before each fsync, before each rename that publishes
 a shard, index, journal entry, rejected.jsonl or the manifest) and SIGKILLs
-itself at one drawn from a seeded RNG. Nothing under a final name may be
-partial, and `--resume` must give the bytes of an uninterrupted pack. (The
-drawn kill point is a position in that sequence; which event sits there can
-vary by a few places between runs, as the committer thread publishes shards
-while the writer goes on.)
+itself at one drawn from a seeded RNG (a kind of point, then one of its
+occurrences). Nothing under a final name may be
+partial, and `--resume` must give the bytes of an uninterrupted pack.
 
 Trainer: `torchrun --max-restarts 1` with 2 gloo ranks; one rank SIGKILLs
 itself after a drawn step. The restarted job must resume from the newest
@@ -34,20 +32,23 @@ from tests.faults.faulthelpers_rw import REPO, child_env, run_shard, tree_digest
 
 TRIALS = 10
 
-# `shard pack` that SIGKILLs itself at kill point number argv[1] (or, with -1,
-# lists every kill point it passes into the file argv[2]).
+# `shard pack` that SIGKILLs itself just before the K-th (from 0) event of kind
+# KIND: "sample" (a sample is written into the open shard), "fsync" or "rename"
+# (storage.py making a shard, index, journal entry, rejected.jsonl or the
+# manifest durable / visible). KIND "count" kills nothing and writes the number
+# of events of each kind to LOG. argv: KIND K LOG shard-args...
 KILLER = """
-import itertools, os, signal, sys, threading
+import json, os, signal, sys, threading
 from shard_tools import cli, storage, tarwrite
-kill_at, log = int(sys.argv[1]), sys.argv[2]
-seen, lock = [], threading.Lock()
+kind, k, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+counts, lock = {"sample": 0, "fsync": 0, "rename": 0}, threading.Lock()
 
-def point(label):
+def point(what, name=""):
     with lock:
-        n = len(seen)
-        seen.append(label)
-    if n == kill_at:
-        print("killed before", label, file=sys.stderr, flush=True)
+        n = counts[what]
+        counts[what] += 1
+    if what == kind and n == k:
+        print(f"killed before {what} #{n} {name}".strip(), file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
 class Os:
@@ -55,25 +56,22 @@ class Os:
     def __getattr__(self, name):
         return getattr(os, name)
     def fsync(self, fd):
-        point("fsync " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        point("fsync", "(" + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) + ")")
         return os.fsync(fd)
     def replace(self, a, b):
-        point("rename " + os.path.basename(b))
+        point("rename", "(" + os.path.basename(b) + ")")
         return os.replace(a, b)
 
 storage.os = Os()
 add_chunk = tarwrite.ShardTarWriter.add_chunk
-written = itertools.count()
 def add(self, chunk):
-    point(f"writing sample {next(written)}")
+    point("sample")
     return add_chunk(self, chunk)
 tarwrite.ShardTarWriter.add_chunk = add
-try:
-    status = cli.main(sys.argv[3:])
-finally:
-    if kill_at < 0:
-        with open(log, "w") as f:
-            f.write("\\n".join(seen))
+status = cli.main(sys.argv[4:])
+if kind == "count":
+    with open(log, "w") as f:
+        json.dump(counts, f)
 sys.exit(status)
 """
 
@@ -89,7 +87,7 @@ def pack_src(tmp_path_factory) -> Path:
     return src
 
 
-def _killer(kill_at: int, log: Path, src: Path, dest: Path, workers: int) -> tuple[int, str]:
+def _killer(kind: str, k: int, log: Path, src: Path, dest: Path, workers: int) -> tuple[int, str]:
     """Run KILLER; return its exit status and stderr.
 
     Output goes to a file, not a pipe: pool workers of a killed packer keep a
@@ -100,7 +98,7 @@ def _killer(kill_at: int, log: Path, src: Path, dest: Path, workers: int) -> tup
     err = log.with_suffix(".stderr")
     with open(err, "w") as f:
         proc = subprocess.run(
-            [sys.executable, "-c", KILLER, str(kill_at), str(log), *args],
+            [sys.executable, "-c", KILLER, kind, str(k), str(log), *args],
             cwd=REPO,
             env=child_env(),
             stdout=subprocess.DEVNULL,
@@ -113,17 +111,24 @@ def _killer(kill_at: int, log: Path, src: Path, dest: Path, workers: int) -> tup
 def test_sigkill_packer_at_random_points_then_resume(pack_src, tmp_path, figures):
     ref = tmp_path / "ref"
     log = tmp_path / "points.txt"
-    status, stderr = _killer(-1, log, pack_src, ref, workers=1)
+    status, stderr = _killer("count", 0, log, pack_src, ref, workers=1)
     assert status == 0, stderr
-    points = log.read_text().splitlines()
+    counts = json.loads(log.read_text())
     reference = tree_digest(ref)
+    # Each trial draws a kind of event, then one of its occurrences: a third of
+    # the kills land while samples are written, two thirds while files are published.
     rng = random.Random(8)
-    kill_ats = sorted(rng.sample(range(len(points)), TRIALS))
+    points: list[tuple[str, int]] = []
+    while len(points) < TRIALS:
+        kind = rng.choice(sorted(counts))
+        point = (kind, rng.randrange(counts[kind]))
+        if point not in points:
+            points.append(point)
     identical, killed_before, partial_visible = 0, [], 0
-    for trial, kill_at in enumerate(kill_ats):
+    for trial, (kind, k) in enumerate(points):
         dest = tmp_path / f"trial{trial}"
         workers = 1 + trial % 2  # half the trials with a worker pool
-        status, stderr = _killer(kill_at, log, pack_src, dest, workers)
+        status, stderr = _killer(kind, k, log, pack_src, dest, workers)
         assert status == -signal.SIGKILL, stderr
         said = [ln for ln in stderr.splitlines() if ln.startswith("killed before ")]
         killed_before.append(said[-1].removeprefix("killed before "))
@@ -139,7 +144,8 @@ def test_sigkill_packer_at_random_points_then_resume(pack_src, tmp_path, figures
         "killed",
         "shard pack SIGKILLed, then --resume",
         trials=TRIALS,
-        kill_points=f"{len(points)} possible; killed before: " + ", ".join(killed_before),
+        kill_points=f"{sum(counts.values())} possible ({counts}); killed before: "
+        + ", ".join(killed_before),
         partial_files_visible=partial_visible,
         identical_outputs=identical,
     )

@@ -4,9 +4,10 @@
 #   train/experiments/article_techniques.sh [WORK_DIR]
 #
 # Budgets (environment, equal across compared runs): PRE_EPOCHS (pretraining on
-# classes 0-4), FT_EPOCHS (10% of classes 5-9: scratch/features/finetune), KD_EPOCHS
+# classes 0-4, for each of TL_MODELS), FT_EPOCHS (10% of classes 5-9: scratch/features/finetune), KD_EPOCHS
 # (student with/without teacher), TEACHER_EPOCHS, PRUNE_FT_EPOCHS, SEEDS ("0 1"),
-# BACKEND (dali-cpu), NPROC (1 = plain process; >1 = torchrun). Results land in
+# BACKEND (dali-cpu), NPROC (1 = plain process; >1 = torchrun), STAGES (a subset of
+# "transfer distill prune"). Results land in
 # WORK_DIR/results.md (and per-run metrics.jsonl under WORK_DIR/runs).
 set -euo pipefail
 
@@ -15,10 +16,11 @@ PY=${PY:-$REPO/.venv/bin/python}
 SHARD=${SHARD:-$(dirname "$PY")/shard}
 WORK=${1:-$(mktemp -d /tmp/article-techniques.XXXX)}
 DATA_TGZ=${DATA_TGZ:-$REPO/../shared/data/cifar10-jpeg.tar.gz}
-PRE_EPOCHS=${PRE_EPOCHS:-20}
+PRE_EPOCHS=${PRE_EPOCHS:-15}            # seed_cnn
+PRE_EPOCHS_WIDE=${PRE_EPOCHS_WIDE:-8}   # other TL_MODELS: ~10x the compute per image
 FT_EPOCHS=${FT_EPOCHS:-10}
-KD_EPOCHS=${KD_EPOCHS:-6}
-TEACHER_EPOCHS=${TEACHER_EPOCHS:-6}
+KD_EPOCHS=${KD_EPOCHS:-5}
+TEACHER_EPOCHS=${TEACHER_EPOCHS:-5}
 PRUNE_FT_EPOCHS=${PRUNE_FT_EPOCHS:-1}
 SEEDS=${SEEDS:-"0 1"}
 BACKEND=${BACKEND:-dali-cpu}
@@ -26,6 +28,9 @@ NPROC=${NPROC:-1}
 BATCH=${BATCH:-128}
 LR=${LR:-0.05}
 TEACHER_MODEL=${TEACHER_MODEL:-cifar_fast_s}
+TL_MODELS=${TL_MODELS:-"seed_cnn cifar_fast_s"}
+STAGES=${STAGES:-"transfer distill prune"}  # a subset runs only those parts
+stage() { [[ " $STAGES " == *" $1 "* ]]; }
 
 SRC_CLASSES=airplane,automobile,bird,cat,deer
 TGT_CLASSES=dog,frog,horse,ship,truck
@@ -43,11 +48,13 @@ pack() {  # DEST SRC [pack flags...]
     local dest=$1 src=$2; shift 2
     [ -f "$dest/manifest.json" ] || "$SHARD" pack "$src" "$dest" --workers 2 --no-validate "$@" >/dev/null
 }
-pack "$D/src-train" "$C/train" --classes "$SRC_CLASSES"
+# Training sets are packed shuffled: the loader's shard shuffle and 4096-sample
+# buffer cannot mix shards that each hold one class.
+pack "$D/src-train" "$C/train" --classes "$SRC_CLASSES" --shuffle --seed 0
 pack "$D/tgt-test" "$C/test" --classes "$TGT_CLASSES"
-pack "$D/all-train" "$C/train"
+pack "$D/all-train" "$C/train" --shuffle --seed 0
 pack "$D/all-test" "$C/test"
-for s in $SEEDS; do pack "$D/tgt-train-10pct-s$s" "$C/train" --classes "$TGT_CLASSES" --fraction 0.1 --seed "$s"; done
+for s in $SEEDS; do pack "$D/tgt-train-10pct-s$s" "$C/train" --classes "$TGT_CLASSES" --fraction 0.1 --shuffle --seed "$s"; done
 
 train() {  # OUT [trainer flags...]: skipped when the run already finished
     local out=$1; shift
@@ -55,24 +62,36 @@ train() {  # OUT [trainer flags...]: skipped when the run already finished
     rm -rf "$out"
     local launcher=("$PY" -m train)
     [ "$NPROC" -gt 1 ] && launcher=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m train)
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "${launcher[@]}" --backend "$BACKEND" --num-workers 2 \
+    # The CIFAR recipe (SGD + Nesterov, weight decay, one-cycle, pad+crop+flip) for
+    # every run; the flags after it override its model, budget and batch.
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "${launcher[@]}" --config "$REPO/train/recipes/cifar_seed_cnn.toml" \
+        --backend "$BACKEND" --num-workers 2 \
         --batch-size "$BATCH" --lr "$LR" --log-every-steps 1000 --keep-checkpoints 1 --out "$out" "$@" \
         > "$out.log" 2>&1 || { echo "failed: $out (see $out.log)"; tail -3 "$out.log"; exit 1; }
 }
 last_ckpt() { ls "$1"/checkpoints/step-*.pt | tail -1; }
 R="$WORK/runs"
 
-# Transfer: pretrain on classes 0-4, then 10% of classes 5-9 three ways.
-train "$R/pretrain" --model seed_cnn --data "$D/src-train" --epochs "$PRE_EPOCHS" --eval-every-epochs 0
-PRE=$(last_ckpt "$R/pretrain")
-for s in $SEEDS; do
-    common=(--model seed_cnn --data "$D/tgt-train-10pct-s$s" --val-data "$D/tgt-test" --epochs "$FT_EPOCHS" --seed "$s" --eval-every-epochs 0)
-    train "$R/tl-scratch-s$s" "${common[@]}"
-    train "$R/tl-features-s$s" "${common[@]}" --init-from "$PRE" --transfer features
-    train "$R/tl-finetune-s$s" "${common[@]}" --init-from "$PRE" --transfer finetune --backbone-lr-mult 0.1
-    train "$R/tl-finetune1x-s$s" "${common[@]}" --init-from "$PRE" --transfer finetune --backbone-lr-mult 1
-done
+# Transfer: pretrain on classes 0-4, then 10% of classes 5-9 three ways, for
+# each model in TL_MODELS (the article's tiny seed_cnn learns little it could
+# not learn again from 2,500 images; a wider net is where transfer pays).
+if stage transfer; then
+    for m in $TL_MODELS; do
+        pre_epochs=$PRE_EPOCHS
+        [ "$m" = seed_cnn ] || pre_epochs=$PRE_EPOCHS_WIDE
+        train "$R/pretrain-$m" --model "$m" --data "$D/src-train" --epochs "$pre_epochs" --eval-every-epochs 0
+        PRE=$(last_ckpt "$R/pretrain-$m")
+        for s in $SEEDS; do
+            common=(--model "$m" --data "$D/tgt-train-10pct-s$s" --val-data "$D/tgt-test" --epochs "$FT_EPOCHS" --seed "$s" --eval-every-epochs 0)
+            train "$R/tl-$m-scratch-s$s" "${common[@]}"
+            train "$R/tl-$m-features-s$s" "${common[@]}" --init-from "$PRE" --transfer features
+            train "$R/tl-$m-finetune-s$s" "${common[@]}" --init-from "$PRE" --transfer finetune --backbone-lr-mult 0.1
+            train "$R/tl-$m-finetune1x-s$s" "${common[@]}" --init-from "$PRE" --transfer finetune --backbone-lr-mult 1
+        done
+    done
+fi
 
+if stage distill || stage prune; then
 # Distillation: a stronger teacher, then seed_cnn with and without it.
 train "$R/teacher" --model "$TEACHER_MODEL" --data "$D/all-train" --val-data "$D/all-test" --epochs "$TEACHER_EPOCHS" --eval-every-epochs 0
 TEACHER=$(last_ckpt "$R/teacher")
@@ -81,7 +100,9 @@ for s in $SEEDS; do
     train "$R/kd-none-s$s" "${common[@]}"
     train "$R/kd-teacher-s$s" "${common[@]}" --teacher "$TEACHER" --kd-alpha 0.7 --kd-temperature 4
 done
+fi
 
+if stage prune; then
 # Pruning: the teacher at 50% global sparsity + a short fine-tune with masks kept;
 # seed_cnn (the no-teacher seed-0 run) with 30% of its channels removed + the same fine-tune.
 "$PY" -m train.prune --checkpoint "$TEACHER" --method global-magnitude --sparsity 0.5 \
@@ -93,6 +114,7 @@ S0=$(last_ckpt "$R/kd-none-s${SEEDS%% *}")
     --out "$WORK/seed-ch30.pt" --threads 2 --bench-repeats 7 --json > "$WORK/prune-ch30.json"
 train "$R/prune-ch30-ft" --model seed_cnn --data "$D/all-train" --val-data "$D/all-test" \
     --epochs "$PRUNE_FT_EPOCHS" --init-from "$WORK/seed-ch30.pt" --backbone-lr-mult 1 --lr 0.01
+fi
 
 "$PY" "$REPO/train/experiments/table.py" "$WORK" --seeds $SEEDS > "$WORK/results.md"
 cat "$WORK/results.md"

@@ -65,29 +65,36 @@ def main() -> None:
     def runs(prefix: str) -> list[Path]:
         return [r / f"{prefix}-s{s}" for s in seeds]
 
-    out = [
-        f"Pretraining on classes 0-4: {budget([r / 'pretrain'])}, "
-        f"top-1 on classes 0-4 not evaluated (its checkpoint is the source).",
-        "",
-        "| transfer: classes 5-9, 10% of their training images | budget | "
-        "test top-1 % (mean; each seed) | vs scratch | target |",
-        "|---|---|---|---|---|",
-    ]
-    scratch = values(runs("tl-scratch"))
-    for v, label, target in (
-        ("scratch", "from scratch", ""),
-        ("features", "features (frozen backbone, new head)", ">= +5"),
-        ("finetune", "finetune, backbone lr x0.1", ">= +5"),
-        ("finetune1x", "finetune, backbone lr x1", ""),
-    ):
-        vals = values(runs(f"tl-{v}"))
-        d = "" if v == "scratch" else delta(vals, scratch)
-        out.append(f"| {label} | {budget(runs(f'tl-{v}'))} | {cell(vals)} | {d} | {target} |")
+    out: list[str] = []
+    models = sorted({d.name.split("-")[1] for d in r.glob("tl-*-scratch-s*") if d.is_dir()})
+    for m in models:
+
+        def tl(v: str, m: str = m) -> list[Path]:
+            return runs(f"tl-{m}-{v}")
+
+        scratch = values(tl("scratch"))
+        out += [
+            f"Transfer with {m}: pretrained on classes 0-4 ({budget([r / f'pretrain-{m}'])}, "
+            "all their training images).",
+            "",
+            "| classes 5-9, 10% of their training images | budget | "
+            "test top-1 % (mean; each seed) | vs scratch | target |",
+            "|---|---|---|---|---|",
+        ]
+        for v, label, target in (
+            ("scratch", "from scratch", ""),
+            ("features", "features (frozen backbone, new head)", ">= +5"),
+            ("finetune", "finetune, backbone lr x0.1", ">= +5"),
+            ("finetune1x", "finetune, backbone lr x1", ""),
+        ):
+            vals = values(tl(v))
+            d = "" if v == "scratch" else delta(vals, scratch)
+            out.append(f"| {label} | {budget(tl(v))} | {cell(vals)} | {d} | {target} |")
+        out.append("")
 
     teacher = values([r / "teacher"])
     none = values(runs("kd-none"))
     out += [
-        "",
         "| distillation: CIFAR-10, all classes | budget | test top-1 % (mean; each seed) "
         "| vs no teacher | target |",
         "|---|---|---|---|---|",

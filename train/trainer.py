@@ -365,15 +365,18 @@ def _log_step(run: Run, record: dict[str, float]) -> None:
 def _end_epoch(run: Run) -> None:
     st, rc, d = run.state, run.cfg.run, run.dist
     report = run.loader.epoch_report()
-    seen, repeated, corrupt, steps = distributed.all_reduce_sum(
-        [report.samples, report.repeated, len(report.corrupt), report.steps], d.device
+    seen, repeated, corrupt, steps, retries = distributed.all_reduce_sum(
+        [report.samples, report.repeated, len(report.corrupt), report.steps, report.retries],
+        d.device,
     )
     run.log.event(
         "epoch",
         {"epoch": st.epoch, "step": st.step, "samples_seen": int(seen), "repeated": int(repeated),
-         "dropped": report.dropped, "corrupt": int(corrupt), "rank_steps": int(steps)},
+         "dropped": report.dropped, "corrupt": int(corrupt), "rank_steps": int(steps),
+         "read_retries": int(retries)},
         f"epoch {st.epoch} done: {int(seen):,} samples over {d.world_size} rank(s) "
-        f"({int(repeated)} pad repeats, {report.dropped} dropped, {int(corrupt)} corrupt)",
+        f"({int(repeated)} pad repeats, {report.dropped} dropped, {int(corrupt)} corrupt, "
+        f"{int(retries)} read retries)",
     )  # fmt: skip
     finished = st.epoch
     st.epoch += 1

@@ -45,7 +45,9 @@ def test_run_outputs(finished_run, tiny_val):
         } <= set(r)
         assert 0 <= r["data_wait_frac"] <= 1
     epochs = events(out, "epoch")
-    assert [(e["samples_seen"], e["repeated"], e["corrupt"]) for e in epochs] == [(100, 0, 0)] * 2
+    assert [
+        (e["samples_seen"], e["repeated"], e["corrupt"], e["read_retries"]) for e in epochs
+    ] == [(100, 0, 0, 0)] * 2
     evals = events(out, "eval")
     assert [e["step"] for e in evals] == [5, 10]
     assert all(e["samples"] == 40 and "ema_top1" in e for e in evals)

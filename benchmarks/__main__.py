@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import importlib
 import sys
+import time
 from pathlib import Path
 
 from benchmarks import data
@@ -77,12 +78,14 @@ def _run_suite(name: str, known, rest: list[str], shared_work: Path | None) -> i
     args.out = known.out
     args.repeats = known.repeats or (1 if known.quick else 3)
     print(f"== {name}{' (quick)' if known.quick else ''}", flush=True)
+    t0 = time.perf_counter()
     measurements, notes = module.run(args)
     paths = write_results(name, measurements, known.out, notes=notes, plot=not known.no_plot)
     print(markdown_table(measurements))
     for k, v in (notes or {}).items():
         print(f"- {k}: {v}")
     print("wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
+    print(f"== {name} took {time.perf_counter() - t0:.0f} s", flush=True)
     final = getattr(module, "final_table", None)
     if final is not None:
         table = final(measurements, notes)

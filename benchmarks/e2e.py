@@ -134,7 +134,8 @@ def _pairs(args, work: Path) -> list[dict]:
     pairs = []
     for ds in datasets:
         if ds["name"] == "cifar":
-            models = [("seed_cnn", False), ("resnet18", True)]
+            # --quick: the CIFAR-stem ResNet only in full runs (minutes on a CPU).
+            models = [("seed_cnn", False)] + ([] if args.quick else [("resnet18", True)])
         else:
             models = [("resnet18", False)] + (
                 [("resnet50", False)] if _device().type == "cuda" else []
@@ -154,8 +155,8 @@ def _measure_pair(p: dict, args, notes: dict, traces: dict) -> list[Measurement]
     steps = args.steps or (3 if args.quick else (20 if device.type == "cpu" else 200))
     if p["name"] == "imagenet" and device.type == "cpu" and not args.steps:
         steps = 2 if args.quick else 6  # a ResNet at 224 px trains at tens of img/s on 2 cores
-    # --quick on a CPU: batches of 8, or the ResNets alone take minutes.
-    batch = p["batch"] if device.type == "cuda" else min(p["batch"], 8 if args.quick else 64)
+    # --quick on a CPU: batches of 4, or the ResNets alone take minutes.
+    batch = p["batch"] if device.type == "cuda" else min(p["batch"], 4 if args.quick else 64)
     items = steps * batch
     step = trainer(p["model"], num_classes, p["cifar_stem"], device)
     common = dict(batch_size=batch, image_size=p["image_size"], recipe=p["recipe"],

@@ -36,7 +36,7 @@ def add_arguments(parser) -> None:
         "--steps",
         type=int,
         default=None,
-        help="steps per timed repetition (default: 20; 3 with --quick)",
+        help="steps per timed repetition (default: 20; 2 with --quick)",
     )
     parser.add_argument(
         "--compile", action="store_true", help="also measure torch.compile (slow to compile)"
@@ -52,7 +52,7 @@ def add_arguments(parser) -> None:
 def cases(cuda: bool, quick: bool) -> list[Case]:
     if not cuda:
         if quick:
-            return [Case("seed_cnn", 32, 64), Case("resnet18", 32, 8)]
+            return [Case("seed_cnn", 32, 64), Case("resnet18", 32, 4)]
         return [Case("seed_cnn", 32, 256), Case("resnet18", 32, 64)]
     if quick:
         return [Case("seed_cnn", 32, 512), Case("resnet18", 224, 32, cifar_stem=False)]
@@ -110,7 +110,7 @@ def run(args) -> tuple[list[Measurement], dict]:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.backends.cudnn.benchmark = True
-    steps = args.steps or (3 if args.quick else 20)
+    steps = args.steps or (2 if args.quick else 20)
     results: list[Measurement] = []
     wanted = set(args.models.split(",")) if args.models else None
     for case in cases(cuda, args.quick):

@@ -15,8 +15,8 @@
 3. Decode throughput of DALI's mixed (nvJPEG) decoder with hw_decoder_load 0 /
    0.65 / 0.9: the loader's graph for the ImageNet recipe (ROI decode fused
    with the random resized crop, resize, flip, normalise) behind DALI's
-   webdataset reader, built here because LoaderConfig has no hw_decoder_load
-   field (the loader always runs DALI's default, 0.65).
+   webdataset reader, with ``LoaderConfig.hw_decoder_load`` set (the
+   loader's ``dali-gpu`` backend takes the same field; None = DALI's 0.65).
 4. CIFAR-10 time to 94% test top-1 in the small-image mode: the trainer's own
    build (``train.trainer.build``: cifar_fast, device cache, bf16,
    channels_last) and step loop, evaluated after every epoch, stopped at the
@@ -262,11 +262,14 @@ def _feed(root: str, sz: Sizes, repeats: int, notes: dict) -> list[Measurement]:
 # -- part 3: decode throughput vs hw_decoder_load --------------------------------
 def _decode_run(root: str, sz: Sizes, load: float):
     """DALI's webdataset reader + the loader's ImageNet train graph, HW_DECODER_LOAD set."""
-    from nvidia.dali import Pipeline, fn, types
+    from nvidia.dali import Pipeline, fn
 
     from pipeline import LoaderConfig
+    from pipeline.dali_graph import build_graph
 
-    cfg = LoaderConfig(data=root, batch_size=sz.batch, image_size=sz.image_size)
+    cfg = LoaderConfig(
+        data=root, batch_size=sz.batch, image_size=sz.image_size, hw_decoder_load=load
+    )
     gpu = sz.device == "cuda"
     tars = sorted(str(p) for p in Path(root).glob("shard-*.tar"))
     pipe = Pipeline(batch_size=sz.batch, num_threads=sz.workers, device_id=0 if gpu else None,
@@ -276,25 +279,8 @@ def _decode_run(root: str, sz: Sizes, load: float):
                                           ext=["jpg", "cls"], random_shuffle=True,
                                           initial_fill=1024, name="reader",
                                           missing_component_behavior="error")  # fmt: skip
-        # As pipeline.dali_graph.build_graph does for recipe "imagenet" (no jitter).
-        images = fn.decoders.image_random_crop(
-            jpg,
-            device="mixed" if gpu else "cpu",
-            output_type=types.RGB,
-            random_area=list(cfg.scale),
-            random_aspect_ratio=list(cfg.ratio),
-            num_attempts=10,
-            hw_decoder_load=load,  # read by the mixed backend only
-        )
-        images = fn.resize(images, resize_x=cfg.image_size, resize_y=cfg.image_size)
-        images = fn.crop_mirror_normalize(
-            images,
-            dtype=types.FLOAT,
-            output_layout="HWC",
-            mean=[m * 255 for m in cfg.mean],
-            std=[s * 255 for s in cfg.std],
-            mirror=fn.random.coin_flip(probability=cfg.hflip),
-        )
+        # The loader's own train graph (recipe "imagenet"), with the decoder split set.
+        images = build_graph(jpg, cfg, "gpu" if gpu else "cpu")
         pipe.set_outputs(images)
     pipe.build()
 

@@ -72,6 +72,9 @@ class LoaderConfig:
     # parallelism
     num_workers: int = 2  # torch backend: decode processes (0 = decode in this process)
     num_threads: int = 2  # DALI: CPU threads of the pipeline
+    # dali-gpu: the share of JPEG decoding given to the GPU's hardware JPEG decoder
+    # (A100/H100/H200), the rest going to CUDA cores; None = DALI's default (0.65).
+    hw_decoder_load: float | None = None
     prefetch: int = 2  # batches decoded ahead of the one being consumed
 
     # storage
@@ -138,6 +141,8 @@ class LoaderConfig:
         for name in ("num_threads", "prefetch", "max_read_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hw_decoder_load is not None and not 0 <= self.hw_decoder_load <= 1:
+            raise ValueError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
         if self.retry_backoff_s < 0:
             raise ValueError(f"retry_backoff_s must be >= 0, got {self.retry_backoff_s}")
         if self.cache not in CACHES:

@@ -21,6 +21,14 @@ def _decoder_device(device: str) -> str:
     return "mixed" if device == "gpu" else "cpu"
 
 
+def _decoder_args(cfg, device: str) -> dict:
+    """Keyword arguments every decoder of the graph gets."""
+    args = {"device": _decoder_device(device), "output_type": types.RGB}
+    if device == "gpu" and cfg.hw_decoder_load is not None:
+        args["hw_decoder_load"] = cfg.hw_decoder_load  # the mixed decoder's split only
+    return args
+
+
 def _geometry(images, cfg):
     """Rotation (+-deg) and translation (+-fraction of the output) as one affine warp."""
     size = float(cfg.image_size)
@@ -70,16 +78,16 @@ def build_graph(encoded, cfg, device: str):
     output size, normalise).
     """
     size = cfg.image_size
-    decoder = _decoder_device(device)
+    decode = _decoder_args(cfg, device)
     if not cfg.train and cfg.recipe == "small":
-        images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+        images = fn.decoders.image(encoded, **decode)
         return _normalize(fn.resize(images, resize_x=size, resize_y=size), cfg, mirror=0)
     if not cfg.train:
-        images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+        images = fn.decoders.image(encoded, **decode)
         images = fn.resize(images, resize_shorter=cfg.resolved_eval_resize)
         return _normalize(images, cfg, mirror=0, crop=(size, size))
     if cfg.recipe == "small":
-        images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+        images = fn.decoders.image(encoded, **decode)
         images = fn.resize(images, resize_x=size, resize_y=size)
         if cfg.pad_px:
             anchor = fn.random.uniform(
@@ -98,8 +106,7 @@ def build_graph(encoded, cfg, device: str):
     else:
         images = fn.decoders.image_random_crop(
             encoded,
-            device=decoder,
-            output_type=types.RGB,
+            **decode,
             random_area=list(cfg.scale),
             random_aspect_ratio=list(cfg.ratio),
             num_attempts=10,

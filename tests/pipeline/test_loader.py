@@ -277,3 +277,23 @@ def test_dali_gpu_without_a_gpu_says_so(small_ds):
 
     with pytest.raises(BackendUnavailable, match="needs a CUDA GPU"):
         build_loader(cfg_for("dali-cpu", small_ds, backend="dali-gpu"), World())
+
+
+@pytest.mark.dali
+def test_hw_decoder_load_reaches_only_the_gpu_decoder(small_ds):
+    # The CPU graph must not pass the GPU decoder's option (DALI would refuse it);
+    # the mixed decoder gets it. Graph construction shows both without a GPU.
+    from pipeline import dali_graph
+
+    cfg = cfg_for("dali-cpu", small_ds, hw_decoder_load=0.9)
+    assert "hw_decoder_load" not in dali_graph._decoder_args(cfg, "cpu")
+    assert dali_graph._decoder_args(cfg, "gpu")["hw_decoder_load"] == 0.9
+    assert dali_graph._decoder_args(cfg_for("dali-cpu", small_ds), "gpu").keys() == {
+        "device",
+        "output_type",
+    }
+    loader = build_loader(cfg, World())
+    try:
+        assert set(next(iter(loader)).keys) <= all_keys(small_ds)
+    finally:
+        loader.close()

@@ -63,5 +63,7 @@ def test_bad_config_is_one_clear_error():
         LoaderConfig(backend="torch", batch_size=1)
     with pytest.raises(ValueError, match="batch_size"):
         LoaderConfig(backend="synthetic", batch_size=0)
+    with pytest.raises(ValueError, match="hw_decoder_load"):
+        LoaderConfig(backend="synthetic", batch_size=1, hw_decoder_load=1.5)
     with pytest.raises(ValueError, match="state"):
         build_loader(_cfg(), World()).load_state_dict({"version": 1, "seed": 9})

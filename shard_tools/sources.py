@@ -17,7 +17,6 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import braceexpand
 import fsspec
 import numpy as np
 
@@ -199,6 +198,8 @@ def expand_tar_patterns(patterns: list[str], storage_options: dict[str, Any] | N
     """Brace- and glob-expand tar patterns into existing URLs (sorted per glob)."""
     urls: list[str] = []
     for pattern in patterns:
+        import braceexpand  # only tar patterns need it (webdataset's dependency)
+
         for one in braceexpand.braceexpand(pattern):
             fs, path = fsspec.core.url_to_fs(one, **options_for(one, storage_options))
             if any(c in one for c in "*?["):

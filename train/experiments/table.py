@@ -35,6 +35,8 @@ def budget(runs: list[Path]) -> str:
             continue
         steps = [r.get("step") for r in _rows(run) if r.get("event") == "summary"]
         text = f"{cfg['model']['model']}, {cfg['run']['epochs']} ep"
+        if cfg["optim"].get("teacher"):
+            text += f", alpha {cfg['optim']['kd_alpha']:g}, T {cfg['optim']['kd_temperature']:g}"
         return text + (f", {steps[-1]} steps" if steps and steps[-1] else "")
     return "n/a"
 

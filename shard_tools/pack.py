@@ -107,13 +107,39 @@ def worker_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+def start_pool(workers: int) -> ProcessPoolExecutor | None:
+    """The worker processes of a pack, started now (None for 1 worker: in-process).
+
+    Started before the input is listed, so that the fork server's start-up (a
+    fresh process imports PIL and fsspec: ~0.2 s) and the workers' own
+    overlap with the listing instead of following it.
+    """
+    if workers <= 1:
+        return None
+    ex = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=worker_context(),
+        initializer=validate.init_worker,
+        initargs=(dict(os.environ), os.getpid()),
+    )
+    for _ in range(workers):
+        ex.submit(validate.close_handles)  # spawns the workers; they initialise meanwhile
+    return ex
+
+
 def ordered_results(
-    items: list[Item], start: int, opts: validate.WorkerOptions, workers: int, base: int = 0
+    items: list[Item],
+    start: int,
+    opts: validate.WorkerOptions,
+    workers: int,
+    base: int = 0,
+    pool: ProcessPoolExecutor | None = None,
 ) -> Iterator[validate.Result]:
     """Process ITEMS[START:] and yield results in input order, with bounded memory.
 
     ITEMS[0] is input position BASE (a chunk of a larger input): results carry
-    global positions, which become the sample keys.
+    global positions, which become the sample keys. POOL (from ``start_pool``)
+    is used and shut down; without it one is started here.
     """
     if workers <= 1:
         # In this process: change PIL's global settings only while packing.
@@ -127,12 +153,7 @@ def ordered_results(
             validate.close_handles()
             validate.restore_pil(previous)
         return
-    ex = ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=worker_context(),
-        initializer=validate.init_worker,
-        initargs=(dict(os.environ), os.getpid()),
-    )
+    ex = pool or start_pool(workers)
     pending: deque = deque()
     nxt = start
     try:
@@ -232,10 +253,17 @@ def pack(
 
         return ray_executor.pack(config, storage_options=storage_options, progress=progress)
     t0 = time.perf_counter()
-    dest, source = prepare(config, storage_options)
-    done = resume.begin(dest, _fingerprint(config, source), resume=config.resume)
-    tail: list[tuple[str, str]] = []
-    entries = done + _write_shards(config, source, dest, done, storage_options, progress, tail)
+    pool = start_pool(config.num_workers)
+    try:
+        dest, source = prepare(config, storage_options)
+        done = resume.begin(dest, _fingerprint(config, source), resume=config.resume)
+        tail: list[tuple[str, str]] = []
+        entries = done + _write_shards(
+            config, source, dest, done, storage_options, progress, tail, pool=pool
+        )
+    finally:
+        if pool is not None:  # already shut down unless something failed on the way
+            pool.shutdown(wait=True, cancel_futures=True)
     return _finish(config, source, dest, entries, tail, len(done), time.perf_counter() - t0)
 
 
@@ -273,6 +301,7 @@ def _write_shards(
     progress: bool,
     tail_rejected: list[tuple[str, str]],
     base: int = 0,
+    pool: ProcessPoolExecutor | None = None,
 ) -> list[dict[str, Any]]:
     """Write the shards after DONE; return their journal entries in order.
 
@@ -311,7 +340,7 @@ def _write_shards(
 
     try:
         for n, (pos, label, payload) in enumerate(
-            ordered_results(source.items, start, opts, config.num_workers, base)
+            ordered_results(source.items, start, opts, config.num_workers, base, pool)
         ):
             if bar is not None:
                 bar.update(1)

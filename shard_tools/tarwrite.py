@@ -180,6 +180,8 @@ class ShardTarWriter:
         self._sink = sink
         self._sync_every = sync_every
         self._unsynced = 0
+        self._syncer: ThreadPoolExecutor | None = None
+        self._syncing: Future | None = None
         self._hash = hashlib.sha256()
         self.bytes_written = 0
         self.samples = 0
@@ -222,8 +224,15 @@ class ShardTarWriter:
             self._unsynced += len(piece)
         if self._sync_every and self._unsynced >= self._sync_every:
             self._sink.flush()
-            os.fdatasync(self._sink.fileno())
             self._unsynced = 0
+            # On a thread of its own, so that writing goes on while the disk flushes;
+            # one flush at a time (a later one covers whatever an earlier one missed).
+            if self._syncing is None or self._syncing.done():
+                if self._syncer is None:
+                    self._syncer = ThreadPoolExecutor(
+                        max_workers=1, thread_name_prefix="shard-sync"
+                    )
+                self._syncing = self._syncer.submit(os.fdatasync, self._sink.fileno())
 
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
         """Write one sample: members ``(ext, data)`` become ``<key>.<ext>``."""
@@ -276,6 +285,11 @@ class ShardTarWriter:
             if self._thread is not None:
                 self._thread.shutdown(wait=True, cancel_futures=True)
                 self._thread = None
+            if self._syncer is not None:
+                self._syncer.shutdown(wait=True)
+                self._syncer = None
+                if raise_errors and self._syncing is not None:
+                    self._syncing.result()
 
     @property
     def sha256(self) -> str:

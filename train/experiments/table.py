@@ -103,11 +103,14 @@ def main() -> None:
         f"| teacher | {budget([r / 'teacher'])} | {cell(teacher)} | | |",
         f"| seed_cnn alone | {budget(runs('kd-none'))} | {cell(none)} | | |",
     ]
-    kd = values(runs("kd-teacher"))
-    out.append(
-        f"| seed_cnn + teacher | {budget(runs('kd-teacher'))} | {cell(kd)} "
-        f"| {delta(kd, none)} | >= +1 |"
-    )
+    # kd-teacher-s<seed> (the script's setting) and any kd-teacher-<variant>-s<seed>.
+    variants = sorted({d.name.rsplit("-s", 1)[0] for d in r.glob("kd-teacher*-s*") if d.is_dir()})
+    for prefix in variants:
+        kd = values(runs(prefix))
+        out.append(
+            f"| seed_cnn + teacher | {budget(runs(prefix))} | {cell(kd)} "
+            f"| {delta(kd, none)} | >= +1 |"
+        )
 
     gm = values([r / "prune-gm50-ft"])
     dense_s = values([r / f"kd-none-s{seeds[0]}"])

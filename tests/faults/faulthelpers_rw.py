@@ -7,9 +7,7 @@ shards, and the inputs of the bad-image cases.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 import struct
 import subprocess
@@ -18,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from tests.shard_tools.shardtest_helpers import read_rejected, tree_digest  # noqa: F401 (re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,21 +50,6 @@ def one_line_error(stderr: str, prefix: str) -> str:
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     assert lines and lines[-1].startswith(prefix), stderr
     return lines[-1]
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under ROOT."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def read_rejected(dest: Path) -> dict[str, str]:
-    """path -> reason from DEST/rejected.jsonl."""
-    rows = [json.loads(x) for x in (dest / "rejected.jsonl").read_text().splitlines()]
-    return {r["path"]: r["reason"] for r in rows}
 
 
 # -- inputs of the bad-image cases ------------------------------------------------

@@ -26,8 +26,9 @@ KD_T=${KD_T:-2}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-5}
 PRUNE_FT_EPOCHS=${PRUNE_FT_EPOCHS:-1}       # global magnitude (masks kept), lr 0.01
 # Removing whole filters costs more than zeroing weights: 1 epoch at lr 0.01
-# left seed_cnn 6.7 points down; it gets 2 epochs at the training lr.
-PRUNE_CH_FT_EPOCHS=${PRUNE_CH_FT_EPOCHS:-2}
+# left seed_cnn 6.7 points down, 2 epochs at lr 0.05 4.0; it gets as many
+# epochs as its dense training had (KD_EPOCHS) at the training lr.
+PRUNE_CH_FT_EPOCHS=${PRUNE_CH_FT_EPOCHS:-$KD_EPOCHS}
 PRUNE_CH_LR=${PRUNE_CH_LR:-0.05}
 SEEDS=${SEEDS:-"0 1"}
 BACKEND=${BACKEND:-dali-cpu}

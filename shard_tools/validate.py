@@ -238,6 +238,20 @@ def open_header(fp: Any, opts: WorkerOptions) -> Image.Image:
     return img
 
 
+def _turbo_header(data: bytes, opts: WorkerOptions) -> tuple[int, int, str] | None:
+    """(width, height, colour space) of a JPEG as TurboJPEG reads its header (DATA
+    may be just the file's first bytes); None where PIL should look: not a
+    JPEG, a header TurboJPEG cannot read, or too many pixels (PIL rejects those
+    with the usual reason)."""
+    if simplejpeg is None or not data.startswith(b"\xff\xd8\xff"):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return None if width * height > opts.max_pixels else (width, height, colorspace)
+
+
 def _kept_jpeg(data: bytes, opts: WorkerOptions) -> tuple[str, bytes, int, int] | None:
     """A JPEG kept byte for byte, validated by libjpeg-turbo directly; None: ask PIL.
 
@@ -248,18 +262,12 @@ def _kept_jpeg(data: bytes, opts: WorkerOptions) -> tuple[str, bytes, int, int] 
     name, CMYK/YCCK that is converted anyway) goes to the PIL path, which gives
     the verdict and the reason: the set of packed images is PIL's set.
     """
-    if simplejpeg is None or not data.startswith(b"\xff\xd8\xff") or opts.image_format != "keep":
+    header = _turbo_header(data, opts) if opts.image_format == "keep" else None
+    if header is None or header[2] not in _KEPT_JPEG_COLORSPACES:
         return None
-    try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:
-        return None
-    if colorspace not in _KEPT_JPEG_COLORSPACES:
-        return None
+    width, height, colorspace = header
     if opts.resize_max_side is not None and max(width, height) > opts.resize_max_side:
         return None
-    if width * height > opts.max_pixels:
-        return None  # PIL rejects it from the header, with the usual reason
     if opts.validate:
         try:
             simplejpeg.decode_jpeg(data, colorspace=_KEPT_JPEG_COLORSPACES[colorspace], strict=True)
@@ -300,19 +308,6 @@ def image_member(data: bytes, opts: WorkerOptions) -> tuple[str, bytes, int, int
     return EXT_OF[target], _encode(img, target, opts.quality), img.width, img.height
 
 
-def _jpeg_header_size(head: bytes, opts: WorkerOptions) -> tuple[int, int] | None:
-    """(width, height) of a JPEG from the first bytes of its file, read by TurboJPEG
-    (a quarter of PIL's time); None where PIL should look (not a JPEG, a header
-    TurboJPEG cannot read from HEAD, or too many pixels: PIL gives the reason)."""
-    if simplejpeg is None or not head.startswith(b"\xff\xd8\xff"):
-        return None
-    try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(head)
-    except ValueError:
-        return None
-    return None if width * height > opts.max_pixels else (width, height)
-
-
 def _header_only(ref: str | TarRef, opts: WorkerOptions) -> tuple[str, int, int, FileRef] | None:
     """--no-validate on a large local file: read its header only, and let the writer
     read the bytes (once) by reference. None where this does not apply."""
@@ -324,9 +319,9 @@ def _header_only(ref: str | TarRef, opts: WorkerOptions) -> tuple[str, int, int,
             if st.st_size < BY_REFERENCE_MIN_BYTES:
                 return None
             stamp = (st.st_size, st.st_mtime_ns)
-            size = _jpeg_header_size(f.read(JPEG_HEADER_BYTES), opts)
-            if size is not None:
-                return "jpg", *size, FileRef(ref, 0, st.st_size, stamp)
+            header = _turbo_header(f.read(JPEG_HEADER_BYTES), opts)
+            if header is not None:
+                return "jpg", header[0], header[1], FileRef(ref, 0, st.st_size, stamp)
             f.seek(0)
             img = open_header(f, opts)
             return EXT_OF[img.format], img.width, img.height, FileRef(ref, 0, st.st_size, stamp)

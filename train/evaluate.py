@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from train import distributed, transfer
-from train.checkpoint import CheckpointError, load, load_weights, model_weights
+from train.checkpoint import CheckpointError, load, load_weights
 from train.config import BACKENDS, DataConfig, OneLineParser
 from train.data import check_same_classes, dataset_classes, loader_config, make_loader
 
@@ -108,19 +108,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     if meta.get("classes"):
         check_same_classes(meta["classes"], args.checkpoint, data_classes, args.data)
-    # Through transfer.build_for: a channel-pruned checkpoint records its widths.
-    source = transfer.Source(url=args.checkpoint, weights={}, meta=dict(meta))
-    model = transfer.build_for(
-        source, meta["model"], meta["num_classes"], cifar_stem=meta["cifar_stem"]
-    )
+    # The architecture the checkpoint records (channel-pruned widths included).
+    model = transfer.model_from_checkpoint(state, args.checkpoint)
     if args.ema:
         if not state.get("ema"):
             raise CheckpointError(
                 f"{args.checkpoint} holds no EMA weights (trained without --ema-decay)"
             )
         load_weights(model, state["ema"])
-    else:
-        load_weights(model, model_weights(state))
     channels_last = bool(meta.get("channels_last", True))
     model.to(
         d.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format

@@ -31,3 +31,25 @@ def wds2idx_binary() -> Path:
     if not path.exists():
         pytest.skip("DALI's wds2idx is not installed (the [dali] extra)")
     return path
+
+
+def assert_s3_pack_equals_local(local, remote, prefix: str, opts: dict) -> None:
+    """REMOTE (manifest of a pack to PREFIX) has LOCAL's shards byte for byte, reads
+    back equal, and PREFIX holds only shards, indexes, the manifest and rejected.jsonl
+    (no chunk, journal or temporary objects left behind)."""
+    import fsspec
+
+    from shard_tools.manifest import read_manifest
+
+    assert [(s.name, s.sha256, s.bytes) for s in remote.shards] == [
+        (s.name, s.sha256, s.bytes) for s in local.shards
+    ]
+    assert read_manifest(prefix, opts) == remote
+    fs = fsspec.filesystem("s3", **opts)
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.find(prefix.removeprefix("s3://")))
+    expected = sorted(
+        [s.name for s in local.shards]
+        + [s.index for s in local.shards]
+        + ["manifest.json", "rejected.jsonl"]
+    )
+    assert names == expected

@@ -8,10 +8,9 @@ import socket
 import sys
 from pathlib import Path
 
-import fsspec
 import pytest
 import webdataset as wds
-from shardtest_helpers import tree_digest
+from shardtest_helpers import assert_s3_pack_equals_local, tree_digest
 
 from shard_tools.cli import main
 from shard_tools.config import PackConfig
@@ -216,18 +215,7 @@ def test_ray_pack_to_s3(ray_cluster, src, tmp_path, s3_server, s3_prefix, monkey
     cfg = dict(src=str(src), ray_address=ray_cluster, **RAY_OPTS)
     local = pack(PackConfig(dest=str(tmp_path / "l"), **cfg), progress=False).manifest
     remote = pack(PackConfig(dest=s3_prefix, **cfg), storage_options=opts, progress=False).manifest
-    assert [(s.name, s.sha256, s.bytes) for s in remote.shards] == [
-        (s.name, s.sha256, s.bytes) for s in local.shards
-    ]
-    assert read_manifest(s3_prefix, opts) == remote
-    fs = fsspec.filesystem("s3", **opts)
-    names = sorted(p.rsplit("/", 1)[1] for p in fs.find(s3_prefix.removeprefix("s3://")))
-    expected = sorted(
-        [s.name for s in remote.shards]
-        + [s.index for s in remote.shards]
-        + ["manifest.json", "rejected.jsonl"]
-    )
-    assert names == expected  # no chunk, journal or temp objects left behind
+    assert_s3_pack_equals_local(local, remote, s3_prefix, opts)
     assert verify(s3_prefix, decode=True, storage_options=opts).ok
 
 

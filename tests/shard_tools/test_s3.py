@@ -6,6 +6,7 @@ import json
 
 import fsspec
 import pytest
+from shardtest_helpers import assert_s3_pack_equals_local
 
 from shard_tools.cli import main
 from shard_tools.config import PackConfig
@@ -21,18 +22,8 @@ def test_s3_pack_equals_local_pack(small_src, tmp_path, s3_server, s3_prefix):
     cfg = dict(src=str(small_src), max_count=8, shuffle=True, seed=2, workers=2)
     local = pack(PackConfig(dest=str(tmp_path / "local"), **cfg), progress=False).manifest
     remote = pack(PackConfig(dest=s3_prefix, **cfg), storage_options=opts, progress=False).manifest
-    assert [(s.name, s.sha256, s.bytes) for s in remote.shards] == [
-        (s.name, s.sha256, s.bytes) for s in local.shards
-    ]
-    assert read_manifest(s3_prefix, opts) == remote
+    assert_s3_pack_equals_local(local, remote, s3_prefix, opts)
     fs = fsspec.filesystem("s3", **opts)
-    names = sorted(p.rsplit("/", 1)[1] for p in fs.find(s3_prefix.removeprefix("s3://")))
-    expected = sorted(
-        [s.name for s in local.shards]
-        + [s.index for s in local.shards]
-        + ["manifest.json", "rejected.jsonl"]
-    )
-    assert names == expected  # no journal or temp objects left behind
     for s in local.shards:
         assert fs.cat_file(f"{s3_prefix}/{s.index}") == (tmp_path / "local" / s.index).read_bytes()
     assert verify(s3_prefix, decode=True, storage_options=opts).ok

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -185,6 +186,10 @@ def fault_injection(step: int, rank: int, kill_step: int, kill_rank: int) -> Non
     """Testing aid: SIGKILL this rank after KILL_STEP, on torchrun's first attempt only
     (the restarted job must be able to pass the same step)."""
     if kill_step and step == kill_step and rank == kill_rank and distributed.restart_count() == 0:
+        # Said first: torchrun may report the peer's failure instead of this exit.
+        print(
+            f"fault injection: SIGKILL rank {rank} after step {step}", file=sys.stderr, flush=True
+        )
         os.kill(os.getpid(), signal.SIGKILL)
 
 

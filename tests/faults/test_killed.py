@@ -207,8 +207,8 @@ def test_sigkill_one_rank_then_resume_at_exact_position(train_ds, tmp_path, figu
         out = tmp_path / f"trial{n}"
         proc = _train(train_ds, out, "--fault-kill-step", kill_step, "--fault-kill-rank", kill_rank)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        # The killed rank shows as exit -9, unless its peer's gloo error is reported first.
-        assert "exitcode: -9" in proc.stderr or "Connection closed by peer" in proc.stderr
+        # The kill really happened (torchrun may report the peer's failure, not the -9).
+        assert f"fault injection: SIGKILL rank {kill_rank} after step {kill_step}" in proc.stderr
         resumed = _events(out, "resume")[-1]
         want = kill_step - kill_step % CKPT_EVERY  # the newest checkpoint before the kill
         points.append(f"rank {kill_rank} after step {kill_step} (resumed at {resumed['step']})")

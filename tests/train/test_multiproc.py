@@ -41,9 +41,8 @@ def test_sigkill_one_rank_then_resume_is_exact(tiny_train, tmp_path):
     check(run_train(_args(tiny_train, ref, *common), torchrun=torchrun))
     proc = check(run_train(_args(tiny_train, cut, *common, "--fault-kill-step", "18", "--fault-kill-rank", "1"),
                            torchrun=torchrun))  # fmt: skip
-    assert (
-        "exitcode  : -9" in proc.stderr or "exitcode: -9" in proc.stderr
-    )  # the kill really happened
+    # The kill really happened (torchrun may report the peer's failure, not the -9).
+    assert "fault injection: SIGKILL rank 1 after step 18" in proc.stderr
     resumed = events(cut, "resume")
     assert resumed[-1]["step"] == 16 and resumed[-1]["epoch"] == 1
     for rank in (0, 1):

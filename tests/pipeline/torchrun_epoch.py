@@ -36,6 +36,9 @@ def main() -> None:
                   "max": int(counts[1]), "keys": list(report.keys), "repeated": report.repeated}  # fmt: skip
         (out / f"rank{world.rank}.json").write_text(json.dumps(result))
         loader.close()
+        # Both ranks done before either tears gloo down: a rank that closes its
+        # connections while its peer is still in a collective can abort the peer.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -102,12 +102,17 @@ class ModelConfig:
     )
     transfer: str = _opt(
         "finetune",
-        "with --init-from: features = freeze the backbone, train the head; finetune = train "
+        "with --init-from: features = freeze the backbone, train the classifier; finetune = train "
         "all, backbone lr x --backbone-lr-mult (default: %(default)s)",
         choices=TRANSFER_MODES,
     )
     backbone_lr_mult: float = _opt(
         0.1, "finetune: backbone lr = --lr x this (default: %(default)s)"
+    )
+    head_lr_mult: float = _opt(
+        1.0,
+        "with --init-from: classifier lr = --lr x this; a new head on frozen features often "
+        "wants more (default: %(default)s)",
     )
     keep_masks: bool = _opt(
         False, "re-apply the pruning masks of --init-from after every optimizer step"
@@ -121,6 +126,8 @@ class ModelConfig:
         _check_choice("--transfer", self.transfer, TRANSFER_MODES)
         if not self.backbone_lr_mult > 0:
             raise ValueError(f"--backbone-lr-mult must be > 0; got {self.backbone_lr_mult}")
+        if not self.head_lr_mult > 0:
+            raise ValueError(f"--head-lr-mult must be > 0; got {self.head_lr_mult}")
         if self.keep_masks and not self.init_from:
             raise ValueError("--keep-masks needs --init-from (a checkpoint written by train.prune)")
 

@@ -3,7 +3,7 @@
 Nothing here downloads weights: torchvision models are built with
 ``weights=None``. Each entry records which submodule is the classifier head so
 that transfer learning can swap it for a new class count (``replace_head``)
-and fine-tuning can give the backbone its own learning rate (``head_parameters``).
+and fine-tuning can give the backbone its own learning rate (``classifier_parameters``).
 """
 
 from __future__ import annotations
@@ -92,6 +92,9 @@ def _resnet(arch: str) -> Callable[[int, bool], nn.Module]:
 class ModelSpec:
     build: Callable[[int, bool], nn.Module]  # (num_classes, cifar_stem) -> module
     head: str  # attribute name of the final nn.Linear
+    # Modules that classify the backbone's features, head included: what
+    # --transfer features trains and --backbone-lr-mult leaves alone. Empty: the head alone.
+    classifier: tuple[str, ...] = ()
     native_size: int  # input side the architecture is designed for
     small_native_size: int  # same, with the CIFAR stem
     fixed_size: bool = False  # True: any other input size cannot work
@@ -101,6 +104,10 @@ MODELS: dict[str, ModelSpec] = {
     "seed_cnn": ModelSpec(
         build=lambda n, _stem: SeedCNN(n),
         head="fc3",
+        # Its two hidden linear layers classify as much as fc3 does (torchvision's
+        # VGG/AlexNet split "features" and "classifier" the same way): frozen, they
+        # carry the source's classes into the new task.
+        classifier=("fc1", "fc2", "fc3"),
         native_size=32,
         small_native_size=32,
         fixed_size=True,
@@ -154,6 +161,12 @@ def head_module(model: nn.Module, name: str) -> nn.Linear:
 def head_parameters(model: nn.Module, name: str) -> set[int]:
     """ids of the head's parameters (to give the backbone a different lr, or freeze it)."""
     return {id(p) for p in head_module(model, name).parameters()}
+
+
+def classifier_parameters(model: nn.Module, name: str) -> set[int]:
+    """ids of the classifier's parameters (ModelSpec.classifier, or the head alone)."""
+    names = MODELS[name].classifier or (MODELS[name].head,)
+    return {id(p) for n in names for p in getattr(model, n).parameters()}
 
 
 def replace_head(model: nn.Module, name: str, num_classes: int) -> nn.Module:

@@ -143,7 +143,11 @@ def build(cfg: Config, d: Dist) -> Run:
     if source is not None:
         transfer.load_backbone(model, cfg.model.model, source)
         plan = transfer.prepare(
-            model, cfg.model.model, cfg.model.transfer, cfg.model.backbone_lr_mult
+            model,
+            cfg.model.model,
+            cfg.model.transfer,
+            cfg.model.backbone_lr_mult,
+            cfg.model.head_lr_mult,
         )
         if cfg.model.keep_masks:
             if not source.masks:

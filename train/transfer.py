@@ -1,9 +1,9 @@
 """Transfer learning: start a run from another run's weights (or a plain torchvision
-state_dict) and either train only a new head (``features``) or everything with a
-smaller backbone learning rate (``finetune``).
+state_dict) and either train only the classifier on frozen features (``features``) or
+everything with a smaller backbone learning rate (``finetune``).
 
-The backbone must fit exactly (names and shapes); only the head may differ, and a
-head whose class count differs is left freshly initialised.
+The backbone must fit exactly (names and shapes); only the head (the final linear
+layer) may differ, and a head whose class count differs is left freshly initialised.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from train import checkpoint
 from train.checkpoint import CheckpointError
-from train.models import MODELS, build_model, head_parameters
+from train.models import MODELS, build_model, classifier_parameters
 
 
 @dataclass(kw_only=True)
@@ -113,17 +113,23 @@ class TransferPlan:
     frozen_modules: list[nn.Module]  # kept in eval mode during training (frozen BN stats)
 
 
-def prepare(model: nn.Module, name: str, mode: str, backbone_lr_mult: float) -> TransferPlan:
-    """Freeze the backbone (features) or scale its lr (finetune)."""
-    head_ids = head_parameters(model, name)
+def prepare(
+    model: nn.Module, name: str, mode: str, backbone_lr_mult: float, head_lr_mult: float = 1.0
+) -> TransferPlan:
+    """Freeze the backbone (features) or scale its lr (finetune); scale the classifier's lr.
+
+    The backbone is everything outside the model's classifier (seed_cnn: its convs;
+    other models: all but the final linear layer)."""
+    head_ids = classifier_parameters(model, name)
+    head = {i: head_lr_mult for i in head_ids}
     if mode == "features":
         for p in model.parameters():
             if id(p) not in head_ids:
                 p.requires_grad_(False)
         # BN in a frozen backbone must use its stored statistics, not update them.
         frozen = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-        return TransferPlan(lr_mult_of={}, frozen_modules=frozen)
+        return TransferPlan(lr_mult_of=head, frozen_modules=frozen)
     if mode == "finetune":
         mults = {id(p): backbone_lr_mult for p in model.parameters() if id(p) not in head_ids}
-        return TransferPlan(lr_mult_of=mults, frozen_modules=[])
-    return TransferPlan(lr_mult_of={}, frozen_modules=[])
+        return TransferPlan(lr_mult_of=mults | head, frozen_modules=[])
+    return TransferPlan(lr_mult_of=head, frozen_modules=[])

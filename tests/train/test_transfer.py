@@ -42,7 +42,7 @@ def test_head_replaced_on_class_count_change(source):
     assert torch.equal(same.fc3.weight, src.weights["fc3.weight"])
 
 
-def test_features_mode_trains_only_the_head(tmp_path, source, three_class):
+def test_features_mode_trains_only_the_classifier(tmp_path, source, three_class):
     assert (
         _train(tmp_path, three_class, "feat", "--init-from", source, "--transfer", "features") == 0
     )
@@ -52,6 +52,8 @@ def test_features_mode_trains_only_the_head(tmp_path, source, three_class):
     for k, v in out["model"].items():
         if k.startswith("fc3."):
             assert v.shape[0] == 3
+        elif k.startswith(("fc1.", "fc2.")):  # seed_cnn's classifier starts from the source
+            assert v.shape == src[k].shape and not torch.equal(v, src[k]), k
         else:
             assert torch.equal(v, src[k]), k
 
@@ -90,8 +92,29 @@ def test_finetune_scales_backbone_lr(source):
     )
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     assert lr_of[id(model.fc3.weight)] == pytest.approx(0.2)
+    assert lr_of[id(model.fc1.weight)] == pytest.approx(0.2)  # seed_cnn's classifier
     assert lr_of[id(model.conv1.weight)] == pytest.approx(0.02)
     assert len(lr_of) == sum(1 for _ in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["features", "finetune"])
+def test_head_lr_mult_scales_the_classifier(source, mode):
+    from train.config import OptimConfig
+    from train.optim import build_optimizer, param_groups
+
+    model = build_model("seed_cnn", 3)
+    transfer.load_backbone(model, "seed_cnn", transfer.read_source(str(source), "seed_cnn"))
+    plan = transfer.prepare(model, "seed_cnn", mode, 0.1, head_lr_mult=10)
+    opt = build_optimizer(
+        param_groups(model, 5e-4, lr_mult_of=plan.lr_mult_of), OptimConfig(lr=0.2)
+    )
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for layer in (model.fc1, model.fc2, model.fc3):
+        assert lr_of[id(layer.weight)] == pytest.approx(2.0)
+    if mode == "features":  # the convs are frozen: not in the optimizer at all
+        assert id(model.conv1.weight) not in lr_of and not model.conv1.weight.requires_grad
+    else:
+        assert lr_of[id(model.conv1.weight)] == pytest.approx(0.02)
 
 
 def test_finetune_run_changes_backbone(tmp_path, source, three_class):

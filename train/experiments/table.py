@@ -35,6 +35,8 @@ def budget(runs: list[Path]) -> str:
             continue
         steps = [r.get("step") for r in _rows(run) if r.get("event") == "summary"]
         text = f"{cfg['model']['model']}, {cfg['run']['epochs']} ep"
+        if cfg["model"].get("init_from") and cfg["model"].get("head_lr_mult", 1) != 1:
+            text += f", classifier lr x{cfg['model']['head_lr_mult']:g}"
         if cfg["optim"].get("teacher"):
             text += f", alpha {cfg['optim']['kd_alpha']:g}, T {cfg['optim']['kd_temperature']:g}"
         return text + (f", {steps[-1]} steps" if steps and steps[-1] else "")
@@ -85,7 +87,7 @@ def main() -> None:
         ]
         for v, label, target in (
             ("scratch", "from scratch", ""),
-            ("features", "features (frozen backbone, new head)", ">= +5"),
+            ("features", "features (frozen backbone, classifier trained)", ">= +5"),
             ("finetune", "finetune, backbone lr x0.1", ">= +5"),
             ("finetune1x", "finetune, backbone lr x1", ""),
         ):

@@ -336,6 +336,16 @@ def _storage_errors() -> tuple[type[BaseException], ...]:
     return (OSError, BotoCoreError)
 
 
+def _storage_urls(args: argparse.Namespace) -> str:
+    """The URLs (scheme://...) among the command's sources and destination."""
+    given: list[str] = []
+    for name in ("src", "tars", "dest"):
+        value = getattr(args, name, None)
+        given += value if isinstance(value, list) else [value] if value else []
+    urls = [u for u in given if "://" in u]
+    return ", ".join(urls or given) or "the storage"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``shard`` console script; returns the exit status."""
     from shard_tools.manifest import CREDENTIALS_HINT, ManifestError
@@ -357,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: error: not found: {exc.filename or exc}", file=sys.stderr)
         return 1
     except PermissionError as exc:
-        # A local file has a name; an object store refusal (wrong secret) only says "Forbidden".
-        where = exc.filename or f"{exc}; {CREDENTIALS_HINT}"
+        # A local file has a name; an object store refusal (wrong secret) only says
+        # "Forbidden", so name the storage URLs the command was given.
+        where = exc.filename or f"{_storage_urls(args)} ({exc}); {CREDENTIALS_HINT}"
         print(f"{prog}: error: permission denied: {where}", file=sys.stderr)
         return 1
     except _storage_errors() as exc:

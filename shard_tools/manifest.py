@@ -117,6 +117,8 @@ class Manifest:
             return cls(shards=shards, **data)
         except (TypeError, KeyError) as exc:
             raise ManifestError(f"{source} is malformed: {exc}") from None
+        except ManifestError as exc:  # a shard entry refused itself: say which file holds it
+            raise ManifestError(f"{source}: {exc}") from None
 
 
 def join_url(root: str, name: str) -> str:

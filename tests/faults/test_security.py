@@ -153,6 +153,7 @@ def test_wrong_credentials_fail_clearly_and_write_nothing(secret_server, images,
     proc = run_shard(["pack", images, f"s3://secrets/{prefix}/ds", "--workers", "1"], env=env)
     line = one_line_error(proc.stderr, "shard pack: error: ")
     assert proc.returncode == 1
+    assert f"s3://secrets/{prefix}/ds" in line  # where it was refused, not just "Forbidden"
     assert not _leaks(proc.stdout + proc.stderr)
     cmd = [sys.executable, "-m", "train", "--data", f"s3://secrets/{prefix}/ds", "--backend",
            "torch", "--out", f"s3://secrets/{prefix}/run", "--max-steps", "1"]  # fmt: skip
@@ -328,5 +329,7 @@ def test_bad_manifest_is_refused_by_verify_and_loader(packed, tmp_path, how, cap
         "shard name '../../x.tar'": "plain file name",
     }[how]
     assert want in line and want in loader_msg
+    # Every refusal names the file it read (root/manifest.json), the shard-name one included.
+    assert f"{root}/manifest.json" in line and f"{root}/manifest.json" in loader_msg
     if how.startswith("format"):
         assert "upgrade shardflow or re-pack" in loader_msg  # says what to do

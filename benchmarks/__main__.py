@@ -33,20 +33,44 @@ IN_ALL = ("shard-write", "pipeline", "train", "e2e")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument(
-        "suite", choices=[*SUITES, "all"], help="what to measure (all: every suite but gpu)"
-    )
-    parser.add_argument("--quick", action="store_true", help="small sizes, one timed repetition")
-    parser.add_argument(
+def _common_options() -> argparse.ArgumentParser:
+    """The options every suite takes (a parent parser, so a suite's --help lists them)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quick", action="store_true", help="small sizes, one timed repetition")
+    common.add_argument(
         "--out", default=str(DEFAULT_OUT), help="results folder (default: %(default)s)"
     )
-    parser.add_argument(
+    common.add_argument(
         "--repeats", type=int, default=None, help="timed repetitions (default: 3, 1 with --quick)"
     )
-    parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    common.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    return common
+
+
+def main(argv: list[str] | None = None) -> int:
+    common = _common_options()
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, parents=[common], add_help=False
+    )
+    parser.add_argument(
+        "suite",
+        nargs="?",
+        choices=[*SUITES, "all"],
+        help="what to measure (all: every suite but gpu); SUITE --help lists its options",
+    )
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
     known, rest = parser.parse_known_args(argv)
+    if known.help:
+        if known.suite in SUITES:  # the suite's own options beside the common ones
+            sub = argparse.ArgumentParser(prog=f"python -m benchmarks {known.suite}",
+                                          parents=[common])  # fmt: skip
+            importlib.import_module(SUITES[known.suite]).add_arguments(sub)
+            sub.print_help()
+        else:
+            parser.print_help()
+        return 0
+    if known.suite is None:
+        parser.error("the following arguments are required: suite")
     names = list(IN_ALL) if known.suite == "all" else [known.suite]
     status = 0
     with contextlib.ExitStack() as stack:

@@ -54,3 +54,29 @@ def test_write_results_outputs_are_well_formed(tmp_path):
     assert "| b |" in paths["md"].read_text()
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert paths["json"].name.startswith("unit_")
+
+
+@pytest.mark.parametrize(
+    ("argv", "own", "absent"),
+    [
+        (["gpu", "--help"], "--dry-run", None),
+        (["shard-write", "-h"], "--work-dir", "--dry-run"),
+        (["--help"], "{shard-write,pipeline,train,e2e,gpu,all}", "--dry-run"),
+    ],
+)
+def test_suite_help_lists_its_own_and_the_common_options(capsys, argv, own, absent):
+    from benchmarks.__main__ import main
+
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert own in out and "--quick" in out and "--repeats" in out
+    assert absent is None or absent not in out
+
+
+def test_missing_suite_is_a_usage_error(capsys):
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    assert "required: suite" in capsys.readouterr().err

@@ -36,15 +36,15 @@ class SeedCNN(nn.Module):
         return self.fc3(x)
 
 
-def _conv_group(c_in: int, c_out: int) -> nn.Sequential:
+def _conv_group(c_in: int, c_mid: int, c_out: int) -> nn.Sequential:
     # Pool right after the first conv: the second conv then runs at a quarter of
     # the pixels, which is where most of this net's speed comes from.
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.Conv2d(c_in, c_mid, 3, padding=1, bias=False),
         nn.MaxPool2d(2),
-        nn.BatchNorm2d(c_out),
+        nn.BatchNorm2d(c_mid),
         nn.GELU(),
-        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.Conv2d(c_mid, c_out, 3, padding=1, bias=False),
         nn.BatchNorm2d(c_out),
         nn.GELU(),
     )
@@ -52,17 +52,24 @@ def _conv_group(c_in: int, c_out: int) -> nn.Sequential:
 
 class CifarFast(nn.Module):
     """A small, wide CIFAR network after Keller Jordan's airbench94 (2x2 stem, three
-    conv groups 64/256/256, global max-pool, scaled linear head): built for GPU speed."""
+    conv groups 64/256/256, global max-pool, scaled linear head): built for GPU speed.
+
+    INNER gives each group's first conv its own width (channel pruning makes them
+    differ from WIDTHS, the groups' outputs); by default they are equal."""
 
     def __init__(
-        self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256)
+        self,
+        num_classes: int = 10,
+        widths: tuple[int, int, int] = (64, 256, 256),
+        inner: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
+        inner = inner or widths
         self.stem = nn.Sequential(nn.Conv2d(3, 24, 2, bias=True), nn.GELU())
         self.layers = nn.Sequential(
-            _conv_group(24, widths[0]),
-            _conv_group(widths[0], widths[1]),
-            _conv_group(widths[1], widths[2]),
+            _conv_group(24, inner[0], widths[0]),
+            _conv_group(widths[0], inner[1], widths[1]),
+            _conv_group(widths[1], inner[2], widths[2]),
         )
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(widths[2], num_classes, bias=False)

@@ -7,7 +7,10 @@
 - ``structured-channels``: remove the fraction S of output channels with the
   smallest L1 filter norm from each prunable conv and shrink the layers that read
   them: a physically smaller network. The new widths are stored in C2 so the
-  trainer, evaluation and distillation rebuild it. Supported for seed_cnn.
+  trainer, evaluation and distillation rebuild it. Supported for seed_cnn (both
+  convs) and cifar_fast / cifar_fast_s (the six convs of the three groups; a
+  filter's norm is taken after folding in its batch norm's scale, which is what
+  the next layer sees).
 
 Prints params, non-zeros, MACs and CPU inference img/s before and after (``--json``
 for one JSON object). Bad input ends with one ``prune: error: ...`` line.
@@ -28,7 +31,7 @@ from torch import nn
 
 from train import checkpoint
 from train.checkpoint import CheckpointError
-from train.models import MODELS, SeedCNN
+from train.models import MODELS, CifarFast, SeedCNN
 
 METHODS = ("global-magnitude", "structured-channels")
 
@@ -45,13 +48,30 @@ class SlimSeedCNN(SeedCNN):
         self.widths = [c1, c2]
 
 
+class SlimCifarFast(CifarFast):
+    """cifar_fast(_s) with pruned conv widths; WIDTHS = [inner0, out0, inner1, out1, inner2, out2]."""
+
+    def __init__(self, num_classes: int, widths: list[int]) -> None:
+        w = [int(x) for x in widths]
+        super().__init__(num_classes, widths=(w[1], w[3], w[5]), inner=(w[0], w[2], w[4]))
+        self.widths = w
+
+
+SLIM_WIDTHS = {"seed_cnn": 2, "cifar_fast": 6, "cifar_fast_s": 6}
+
+
 def build_slim(name: str, num_classes: int, widths: list[int]) -> nn.Module:
     """The channel-pruned architecture NAME with WIDTHS (as stored in a pruned checkpoint)."""
-    if name != "seed_cnn":
-        raise CheckpointError(f"channel-pruned widths are only defined for seed_cnn, not {name}")
-    if len(widths) != 2 or min(widths) < 1:
-        raise CheckpointError(f"seed_cnn widths must be two positive ints; got {widths}")
-    return SlimSeedCNN(num_classes, [int(w) for w in widths])
+    if name not in SLIM_WIDTHS:
+        raise CheckpointError(
+            f"channel-pruned widths are defined for {', '.join(SLIM_WIDTHS)}, not {name}"
+        )
+    n = SLIM_WIDTHS[name]
+    if len(widths) != n or min(widths) < 1:
+        raise CheckpointError(f"{name} widths must be {n} positive ints; got {widths}")
+    if name == "seed_cnn":
+        return SlimSeedCNN(num_classes, [int(w) for w in widths])
+    return SlimCifarFast(num_classes, widths)
 
 
 def prunable(model: nn.Module, name: str, *, include_head: bool) -> dict[str, nn.Parameter]:
@@ -102,10 +122,7 @@ def structured_seed_cnn(model: SeedCNN, sparsity: float) -> SlimSeedCNN:
     """Drop the lowest-L1 output channels of conv1 and conv2 and shrink conv2/fc1 inputs."""
 
     def keep(conv: nn.Conv2d) -> torch.Tensor:
-        n = conv.out_channels
-        k = max(1, n - int(round(sparsity * n)))
-        norms = conv.weight.abs().sum(dim=(1, 2, 3))
-        return torch.sort(torch.topk(norms, k).indices).values
+        return _kept(conv.weight.abs().sum(dim=(1, 2, 3)), sparsity)
 
     k1, k2 = keep(model.conv1), keep(model.conv2)
     slim = SlimSeedCNN(model.fc3.out_features, [len(k1), len(k2)])
@@ -119,6 +136,46 @@ def structured_seed_cnn(model: SeedCNN, sparsity: float) -> SlimSeedCNN:
     slim.fc1.bias.copy_(model.fc1.bias)
     for name in ("fc2", "fc3"):
         getattr(slim, name).load_state_dict(getattr(model, name).state_dict())
+    return slim
+
+
+def _kept(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Sorted indices of the channels that stay: all but the round(SPARSITY * n) lowest."""
+    n = scores.numel()
+    k = max(1, n - int(round(sparsity * n)))
+    return torch.sort(torch.topk(scores, k).indices).values
+
+
+def _slice_bn(dst: nn.BatchNorm2d, src: nn.BatchNorm2d, keep: torch.Tensor) -> None:
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(dst, name).copy_(getattr(src, name)[keep])
+    dst.num_batches_tracked.copy_(src.num_batches_tracked)
+
+
+@torch.no_grad()
+def structured_cifar_fast(model: CifarFast, sparsity: float) -> SlimCifarFast:
+    """Drop the weakest output channels of each of the six group convs, and their inputs downstream.
+
+    A channel's score is the L1 norm of its filter times |gamma| / sqrt(var + eps) of
+    the batch norm that follows: the filter as the next layer sees it (a bare
+    filter norm says little when a batch norm rescales it). The stem is kept.
+    """
+    keeps: list[torch.Tensor] = []
+    for group in model.layers:
+        for conv, bn in ((group[0], group[2]), (group[4], group[5])):
+            scale = bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)
+            keeps.append(_kept(conv.weight.abs().sum(dim=(1, 2, 3)) * scale, sparsity))
+    slim = SlimCifarFast(model.fc.out_features, [len(k) for k in keeps])
+    slim.stem.load_state_dict(model.stem.state_dict())
+    k_in = torch.arange(model.stem[0].out_channels)
+    for g, (src, dst) in enumerate(zip(model.layers, slim.layers, strict=True)):
+        k_mid, k_out = keeps[2 * g], keeps[2 * g + 1]
+        dst[0].weight.copy_(src[0].weight[k_mid][:, k_in])
+        _slice_bn(dst[2], src[2], k_mid)
+        dst[4].weight.copy_(src[4].weight[k_out][:, k_mid])
+        _slice_bn(dst[5], src[5], k_out)
+        k_in = k_out
+    slim.fc.weight.copy_(model.fc.weight[:, k_in])
     return slim
 
 
@@ -217,12 +274,17 @@ def prune_checkpoint(
         masks = global_magnitude_masks(prunable(after, name, include_head=prune_head), sparsity)
         apply_masks(after, masks)
     else:
-        if name != "seed_cnn":
+        if name not in SLIM_WIDTHS:
             raise ValueError(
-                f"structured-channels supports seed_cnn only; {name} has residual/normalised "
+                f"structured-channels supports {', '.join(SLIM_WIDTHS)}; {name} has residual "
                 "blocks whose channel coupling this tool does not rewrite (use global-magnitude)"
             )
-        after = structured_seed_cnn(after, sparsity)
+        if meta.get("widths"):
+            raise ValueError(f"{url} is channel-pruned already (widths {meta['widths']})")
+        if name == "seed_cnn":
+            after = structured_seed_cnn(after, sparsity)
+        else:
+            after = structured_cifar_fast(after, sparsity)
         meta["widths"] = after.widths
     payload = {
         "format": checkpoint.FORMAT,

@@ -148,9 +148,52 @@ def test_prune_cli_errors_are_one_line(tmp_path, trained):
         assert len(lines) == 1 and lines[0].startswith("prune: error:"), lines
 
 
+def test_structured_cifar_fast_is_the_dense_net_minus_its_weakest_channels(tmp_path, tiny_train):
+    assert _train(tmp_path, tiny_train, "fast", "--model", "cifar_fast_s", "--max-steps", "2") == 0
+    src = _ckpts(tmp_path / "fast")[-1]
+    out = tmp_path / "slim.pt"
+    r = _prune_cli("--checkpoint", src, "--method", "structured-channels", "--sparsity", "0.3",
+                   "--out", out, "--bench-seconds", "0.1", "--bench-repeats", "1", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    # cifar_fast_s convs are 32, 32, 64, 64, 128, 128 wide: each loses round(30%).
+    assert summary["widths"] == [22, 22, 45, 45, 90, 90]
+    assert summary["after"]["macs"] < 0.6 * summary["before"]["macs"]
+    slim = model_from_checkpoint(torch.load(out, weights_only=True), str(out)).eval()
+    dense = model_from_checkpoint(torch.load(src, weights_only=True), str(src)).eval()
+    # Zero a dropped channel's filter and its batch norm's scale and shift: GELU(0) = 0,
+    # so nothing downstream sees it. That dense net must compute what the slim one does.
+    with torch.no_grad():
+        for d_group, s_group in zip(dense.layers, slim.layers, strict=True):
+            for conv_i, bn_i in ((0, 2), (4, 5)):
+                d_bn, s_bn = d_group[bn_i], s_group[bn_i]
+                kept = {int((d_bn.running_mean == v).nonzero()[0]) for v in s_bn.running_mean}
+                assert len(kept) == s_bn.num_features
+                for k in set(range(d_bn.num_features)) - kept:
+                    d_group[conv_i].weight[k] = 0
+                    d_bn.weight[k] = 0
+                    d_bn.bias[k] = 0
+        x = torch.randn(4, 3, 32, 32)
+        torch.testing.assert_close(slim(x), dense(x), rtol=1e-4, atol=1e-5)
+    # Fine-tuning rebuilds the slim net from the stored widths and keeps them.
+    assert _train(tmp_path, tiny_train, "slimft", "--model", "cifar_fast_s", "--init-from", out,
+                  "--max-steps", "1") == 0  # fmt: skip
+    saved = torch.load(_ckpts(tmp_path / "slimft")[-1], weights_only=True)
+    assert saved["meta"]["widths"] == [22, 22, 45, 45, 90, 90]
+    assert saved["model"]["layers.1.4.weight"].shape == (45, 45, 3, 3)
+    # A second structured pass over a pruned checkpoint is refused, not compounded.
+    r = _prune_cli("--checkpoint", out, "--method", "structured-channels", "--sparsity", "0.3",
+                   "--out", tmp_path / "x.pt", "--bench-seconds", "0")  # fmt: skip
+    assert r.returncode == 1 and "channel-pruned already" in r.stderr
+
+
 def test_structured_refuses_other_models(tmp_path, tiny_train):
-    assert _train(tmp_path, tiny_train, "fast", "--model", "cifar_fast", "--max-steps", "1") == 0
-    r = _prune_cli("--checkpoint", _ckpts(tmp_path / "fast")[-1], "--method", "structured-channels",
-                   "--sparsity", "0.3", "--out", tmp_path / "x.pt", "--bench-seconds", "0")  # fmt: skip
-    assert r.returncode == 1
-    assert "seed_cnn only" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    from train.checkpoint import CheckpointError
+
+    with pytest.raises(ValueError, match="residual"):
+        payload = {"meta": {"model": "resnet18", "num_classes": 3, "cifar_stem": True},
+                   "model": build_model("resnet18", 3, cifar_stem=True).state_dict()}  # fmt: skip
+        torch.save(payload, tmp_path / "r.pt")
+        prune.prune_checkpoint(str(tmp_path / "r.pt"), method="structured-channels", sparsity=0.3)
+    with pytest.raises(CheckpointError, match="6 positive ints"):
+        prune.build_slim("cifar_fast_s", 10, [4, 11])

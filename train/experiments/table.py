@@ -117,6 +117,7 @@ def main() -> None:
     gm = values([r / "prune-gm50-ft"])
     dense_s = values([r / f"kd-none-s{seeds[0]}"])
     ch = values([r / "prune-ch30-ft"])
+    tch = values([r / "prune-teacher-ch30-ft"])
     out += [
         "",
         "| pruning | fine-tune budget | test top-1 % | vs dense | target |",
@@ -124,6 +125,9 @@ def main() -> None:
         f"| teacher, dense | | {cell(teacher)} | | |",
         f"| teacher, 50% global magnitude + fine-tune (masks kept) "
         f"| {budget([r / 'prune-gm50-ft'])} | {cell(gm)} | {delta(gm, teacher)} | >= -1 |",
+        f"| teacher, 30% of channels removed + fine-tune "
+        f"| {budget([r / 'prune-teacher-ch30-ft'])} | {cell(tch)} | {delta(tch, teacher)} "
+        "| >= -2 |",
         f"| seed_cnn (seed {seeds[0]}), dense | | {cell(dense_s)} | | |",
         f"| seed_cnn, 30% of channels removed + fine-tune "
         f"| {budget([r / 'prune-ch30-ft'])} | {cell(ch)} | {delta(ch, dense_s)} | >= -2 |",
@@ -133,6 +137,7 @@ def main() -> None:
     ]
     for name, label in (
         ("prune-gm50.json", "teacher 50% global"),
+        ("prune-teacher-ch30.json", "teacher 30% channels"),
         ("prune-ch30.json", "seed_cnn 30% channels"),
     ):
         try:

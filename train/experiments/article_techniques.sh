@@ -5,7 +5,7 @@
 #
 # Budgets (environment, equal across compared runs): PRE_EPOCHS (pretraining on
 # classes 0-4, for each of TL_MODELS), FT_EPOCHS (10% of classes 5-9: scratch/features/finetune), KD_EPOCHS
-# (student with/without teacher), TEACHER_EPOCHS, PRUNE_FT_EPOCHS, SEEDS ("0 1"),
+# (student with/without teacher), TEACHER_EPOCHS, LONG_TEACHER_EPOCHS, PRUNE_FT_EPOCHS, SEEDS ("0 1"),
 # BACKEND (dali-cpu), NPROC (1 = plain process; >1 = torchrun), STAGES (a subset of
 # "transfer distill prune"). Results land in
 # WORK_DIR/results.md (and per-run metrics.jsonl under WORK_DIR/runs).
@@ -24,6 +24,9 @@ KD_EPOCHS=${KD_EPOCHS:-30}  # 5 epochs: +0.36, 15: +0.25 (alpha 0.5, T 2)
 KD_ALPHA=${KD_ALPHA:-0.5}
 KD_T=${KD_T:-2}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-5}
+# A second, longer-trained teacher for the same students (0 = skip); the pruning
+# rows use the first.
+LONG_TEACHER_EPOCHS=${LONG_TEACHER_EPOCHS:-15}
 PRUNE_FT_EPOCHS=${PRUNE_FT_EPOCHS:-1}       # global magnitude (masks kept), lr 0.01
 # Removing whole filters costs more than zeroing weights: 1 epoch at lr 0.01
 # left seed_cnn 6.7 points down, 2 epochs at lr 0.05 4.0; it gets as many
@@ -113,6 +116,13 @@ for s in $SEEDS; do
     train "$R/kd-none-s$s" "${common[@]}"
     train "$R/kd-teacher-s$s" "${common[@]}" --teacher "$TEACHER" --kd-alpha "$KD_ALPHA" --kd-temperature "$KD_T"
 done
+if [ "$LONG_TEACHER_EPOCHS" -gt 0 ]; then
+    train "$R/teacher-long" --model "$TEACHER_MODEL" --data "$D/all-train" --val-data "$D/all-test" --epochs "$LONG_TEACHER_EPOCHS" --eval-every-epochs 0
+    for s in $SEEDS; do
+        train "$R/kd-teacher-long-s$s" --model seed_cnn --data "$D/all-train" --val-data "$D/all-test" --epochs "$KD_EPOCHS" --seed "$s" --eval-every-epochs 0 \
+            --teacher "$(last_ckpt "$R/teacher-long")" --kd-alpha "$KD_ALPHA" --kd-temperature "$KD_T"
+    done
+fi
 fi
 
 if stage prune; then

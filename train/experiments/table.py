@@ -38,6 +38,10 @@ def budget(runs: list[Path]) -> str:
         if cfg["model"].get("init_from") and cfg["model"].get("head_lr_mult", 1) != 1:
             text += f", classifier lr x{cfg['model']['head_lr_mult']:g}"
         if cfg["optim"].get("teacher"):
+            # .../runs/NAME/checkpoints/step-N.pt: name the teacher run and its accuracy.
+            t_run = Path(cfg["optim"]["teacher"]).parents[1]
+            t_top1 = top1(t_run)
+            text += f", teacher '{t_run.name}'" + (f" {t_top1:.1f}%" if t_top1 else "")
             text += f", alpha {cfg['optim']['kd_alpha']:g}, T {cfg['optim']['kd_temperature']:g}"
         return text + (f", {steps[-1]} steps" if steps and steps[-1] else "")
     return "n/a"
@@ -103,8 +107,13 @@ def main() -> None:
         "| vs no teacher | target |",
         "|---|---|---|---|---|",
         f"| teacher | {budget([r / 'teacher'])} | {cell(teacher)} | | |",
-        f"| seed_cnn alone | {budget(runs('kd-none'))} | {cell(none)} | | |",
     ]
+    long_teacher = r / "teacher-long"
+    if long_teacher.is_dir():
+        out.append(
+            f"| teacher-long | {budget([long_teacher])} | {cell(values([long_teacher]))} | | |"
+        )
+    out.append(f"| seed_cnn alone | {budget(runs('kd-none'))} | {cell(none)} | | |")
     # kd-teacher-s<seed> (the script's setting) and any kd-teacher-<variant>-s<seed>.
     variants = sorted({d.name.rsplit("-s", 1)[0] for d in r.glob("kd-teacher*-s*") if d.is_dir()})
     for prefix in variants:

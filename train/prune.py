@@ -23,7 +23,8 @@ import json
 import statistics
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import fsspec
 import torch
@@ -52,26 +53,21 @@ class SlimCifarFast(CifarFast):
     """cifar_fast(_s) with pruned conv widths; WIDTHS = [inner0, out0, inner1, out1, inner2, out2]."""
 
     def __init__(self, num_classes: int, widths: list[int]) -> None:
-        w = [int(x) for x in widths]
-        super().__init__(num_classes, widths=(w[1], w[3], w[5]), inner=(w[0], w[2], w[4]))
-        self.widths = w
-
-
-SLIM_WIDTHS = {"seed_cnn": 2, "cifar_fast": 6, "cifar_fast_s": 6}
+        outs, inner = tuple(widths[1::2]), tuple(widths[0::2])
+        super().__init__(num_classes, widths=outs, inner=inner)
+        self.widths = list(widths)
 
 
 def build_slim(name: str, num_classes: int, widths: list[int]) -> nn.Module:
     """The channel-pruned architecture NAME with WIDTHS (as stored in a pruned checkpoint)."""
-    if name not in SLIM_WIDTHS:
+    if name not in STRUCTURED:
         raise CheckpointError(
-            f"channel-pruned widths are defined for {', '.join(SLIM_WIDTHS)}, not {name}"
+            f"channel-pruned widths are defined for {', '.join(STRUCTURED)}, not {name}"
         )
-    n = SLIM_WIDTHS[name]
-    if len(widths) != n or min(widths) < 1:
-        raise CheckpointError(f"{name} widths must be {n} positive ints; got {widths}")
-    if name == "seed_cnn":
-        return SlimSeedCNN(num_classes, [int(w) for w in widths])
-    return SlimCifarFast(num_classes, widths)
+    spec = STRUCTURED[name]
+    if len(widths) != spec.n_widths or min(widths) < 1:
+        raise CheckpointError(f"{name} widths must be {spec.n_widths} positive ints; got {widths}")
+    return spec.slim(num_classes, [int(w) for w in widths])
 
 
 def prunable(model: nn.Module, name: str, *, include_head: bool) -> dict[str, nn.Parameter]:
@@ -179,6 +175,22 @@ def structured_cifar_fast(model: CifarFast, sparsity: float) -> SlimCifarFast:
     return slim
 
 
+class Structured(NamedTuple):
+    """How one model is channel-pruned: how many widths it stores, the slim
+    architecture they build, and the pruning pass that makes one from a dense model."""
+
+    n_widths: int
+    slim: Callable[[int, list[int]], nn.Module]
+    prune: Callable[[Any, float], nn.Module]
+
+
+STRUCTURED = {
+    "seed_cnn": Structured(2, SlimSeedCNN, structured_seed_cnn),
+    "cifar_fast": Structured(6, SlimCifarFast, structured_cifar_fast),
+    "cifar_fast_s": Structured(6, SlimCifarFast, structured_cifar_fast),
+}
+
+
 def count_macs(model: nn.Module, image_size: int) -> int:
     """Multiply-accumulates of one image through the conv and linear layers (dense)."""
     total = 0
@@ -274,17 +286,14 @@ def prune_checkpoint(
         masks = global_magnitude_masks(prunable(after, name, include_head=prune_head), sparsity)
         apply_masks(after, masks)
     else:
-        if name not in SLIM_WIDTHS:
+        if name not in STRUCTURED:
             raise ValueError(
-                f"structured-channels supports {', '.join(SLIM_WIDTHS)}; {name} has residual "
+                f"structured-channels supports {', '.join(STRUCTURED)}; {name} has residual "
                 "blocks whose channel coupling this tool does not rewrite (use global-magnitude)"
             )
         if meta.get("widths"):
             raise ValueError(f"{url} is channel-pruned already (widths {meta['widths']})")
-        if name == "seed_cnn":
-            after = structured_seed_cnn(after, sparsity)
-        else:
-            after = structured_cifar_fast(after, sparsity)
+        after = STRUCTURED[name].prune(after, sparsity)
         meta["widths"] = after.widths
     payload = {
         "format": checkpoint.FORMAT,

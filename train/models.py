@@ -165,11 +165,6 @@ def head_module(model: nn.Module, name: str) -> nn.Linear:
     return getattr(model, MODELS[name].head)
 
 
-def head_parameters(model: nn.Module, name: str) -> set[int]:
-    """ids of the head's parameters (to give the backbone a different lr, or freeze it)."""
-    return {id(p) for p in head_module(model, name).parameters()}
-
-
 def classifier_parameters(model: nn.Module, name: str) -> set[int]:
     """ids of the classifier's parameters (ModelSpec.classifier, or the head alone)."""
     names = MODELS[name].classifier or (MODELS[name].head,)

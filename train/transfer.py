@@ -120,16 +120,15 @@ def prepare(
 
     The backbone is everything outside the model's classifier (seed_cnn: its convs;
     other models: all but the final linear layer)."""
-    head_ids = classifier_parameters(model, name)
-    head = {i: head_lr_mult for i in head_ids}
+    classifier = {i: head_lr_mult for i in classifier_parameters(model, name)}
+    backbone = [p for p in model.parameters() if id(p) not in classifier]
     if mode == "features":
-        for p in model.parameters():
-            if id(p) not in head_ids:
-                p.requires_grad_(False)
+        for p in backbone:
+            p.requires_grad_(False)
         # BN in a frozen backbone must use its stored statistics, not update them.
         frozen = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-        return TransferPlan(lr_mult_of=head, frozen_modules=frozen)
+        return TransferPlan(lr_mult_of=classifier, frozen_modules=frozen)
     if mode == "finetune":
-        mults = {id(p): backbone_lr_mult for p in model.parameters() if id(p) not in head_ids}
-        return TransferPlan(lr_mult_of=mults | head, frozen_modules=[])
-    return TransferPlan(lr_mult_of=head, frozen_modules=[])
+        mults = {id(p): backbone_lr_mult for p in backbone}
+        return TransferPlan(lr_mult_of=mults | classifier, frozen_modules=[])
+    return TransferPlan(lr_mult_of=classifier, frozen_modules=[])

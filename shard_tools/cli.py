@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-validate",
         action="store_true",
-        help="skip the full decode (headers are still checked)",
+        help="skip the full decode of images kept as they are (headers are still checked; CMYK, palette, alpha and 16-bit images are still converted to RGB)",
     )
     p.add_argument(
         "--strict",

@@ -20,7 +20,8 @@ from typing import Any, NamedTuple
 import fsspec
 import numpy as np
 
-from shard_tools.manifest import MANIFEST_NAME, Manifest
+from shard_tools import labels
+from shard_tools.manifest import MANIFEST_NAME, Manifest, ManifestError
 from shard_tools.storage import options_for
 from shard_tools.tarwrite import split_name
 
@@ -131,29 +132,46 @@ def printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _read_table(url: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _read_table(
+    url: str, storage_options: dict[str, Any] | None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of a CSV/JSONL/Parquet manifest and where each one is ("FILE line N")."""
     opts = options_for(url, storage_options)
     try:
         if url.lower().endswith(".parquet"):
             import pyarrow.parquet as pq
 
             with fsspec.open(url, "rb", **opts) as f:
-                return pq.read_table(f).to_pylist()
+                rows = pq.read_table(f).to_pylist()
+            return rows, [f"{url} row {i}" for i in range(len(rows))]
         with fsspec.open(url, "rt", encoding="utf-8", newline="", **opts) as f:
             if url.lower().endswith(".csv"):
-                return list(csv.DictReader(f))
-            rows = []
+                reader = csv.DictReader(f)
+                rows, where = [], []
+                for row in reader:
+                    rows.append(row)
+                    where.append(f"{url} line {reader.line_num}")
+                return rows, where
+            rows, where = [], []
             for n, line in enumerate(f, 1):
                 if line.strip():
-                    row = json.loads(line)
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise SourceError(f"{url} line {n}: not JSON ({exc.msg})") from None
                     if not isinstance(row, dict):
                         raise SourceError(f"{url} line {n}: expected a JSON object")
                     rows.append(row)
-            return rows
+                    where.append(f"{url} line {n}")
+            return rows, where
     except FileNotFoundError:
         raise SourceError(f"SRC manifest {url} not found") from None
-    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError, OSError) as exc:
+    except (csv.Error, UnicodeDecodeError, OSError) as exc:
         raise SourceError(f"SRC manifest {url} cannot be read: {exc}") from None
+    except Exception as exc:  # pyarrow raises its own types for a damaged Parquet file
+        if type(exc).__module__.startswith("pyarrow"):
+            raise SourceError(f"SRC manifest {url} cannot be read: {exc}") from None
+        raise
 
 
 def _as_int_label(value: Any) -> int | None:
@@ -167,31 +185,37 @@ def _as_int_label(value: Any) -> int | None:
 
 
 def _list_manifest(url: str, storage_options: dict[str, Any] | None) -> Source:
-    rows = _read_table(url, storage_options)
+    rows, where = _read_table(url, storage_options)
     if not rows:
         raise SourceError(f"SRC manifest {url} has no rows")
-    missing = {"path", "label"} - set(rows[0])
-    if missing:
-        raise SourceError(f"SRC manifest {url} lacks column(s) {', '.join(sorted(missing))}")
-    labels = [r["label"] for r in rows]
-    ints = [_as_int_label(v) for v in labels]
-    if all(i is not None for i in ints):
-        if min(ints) < 0:
-            raise SourceError(f"SRC manifest {url}: integer labels must be >= 0")
-        classes = {str(i): i for i in range(max(ints) + 1)}
-        label_of = ints
-    else:
-        names = sorted({str(v) for v in labels})
-        classes = {name: i for i, name in enumerate(names)}
-        label_of = [classes[str(v)] for v in labels]
+    for column in ("path", "label"):
+        if not any(column in row for row in rows):
+            raise SourceError(f"SRC manifest {url} lacks column {column}")
+    rejected = []
+    kept_rows, kept_where = [], []
+    for row, at in zip(rows, where, strict=True):
+        if row.get("path") is None or not str(row["path"]).strip():
+            rejected.append((at, "row has no path"))  # its label names no class either
+        else:
+            kept_rows.append(row)
+            kept_where.append(at)
+    try:
+        resolved = labels.resolve([row.get("label") for row in kept_rows], kept_where)
+    except labels.LabelError as exc:
+        raise SourceError(f"SRC manifest {exc}") from None
     base = url.rsplit("/", 1)[0] if "/" in url else "."
     items = []
-    for row, label in zip(rows, label_of, strict=True):
+    for row, at, label, reason in zip(
+        kept_rows, kept_where, resolved.labels, resolved.reasons, strict=True
+    ):
         path = str(row["path"])
+        if label is None:
+            rejected.append((path, f"{reason} ({at})"))
+            continue
         ref = path if _is_url(path) or path.startswith("/") else f"{base}/{path}"
         extra = {k: v for k, v in row.items() if k not in ("path", "label")} or None
         items.append(Item(ref, path, label, extra))
-    return Source(classes=classes, items=items)
+    return Source(classes=resolved.classes, items=items, rejected=rejected)
 
 
 def expand_tar_patterns(patterns: list[str], storage_options: dict[str, Any] | None) -> list[str]:
@@ -268,19 +292,38 @@ def scan_tar(url: str, storage_options: dict[str, Any] | None):
         raise SourceError(f"tar {url} not found") from None
 
 
+def _neighbour_classes(
+    url: str, tar_url: str, storage_options: dict[str, Any] | None
+) -> dict[str, int] | None:
+    """The class names of the shardflow dataset the tars belong to, or None for foreign tars.
+
+    A manifest that exists but cannot be read is an error: numbering the classes
+    by label instead would silently rename every class of a re-shard.
+    """
+    try:
+        with fsspec.open(url, "rt", **options_for(tar_url, storage_options)) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None  # foreign tars: class names are the label numbers
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(
+            f"{url} exists but cannot be read ({exc}); the tars' class names come from it"
+        ) from None
+    try:
+        return dict(Manifest.from_json(text, source=url).classes)
+    except ManifestError as exc:
+        raise SourceError(
+            f"{exc}; the tars' class names come from it: repair it, or remove it to name the "
+            "classes by their label numbers"
+        ) from None
+
+
 def _list_tars(patterns: list[str], storage_options: dict[str, Any] | None) -> Source:
     urls = expand_tar_patterns(patterns, storage_options)
     if not urls:
         raise SourceError("no tars given")
-    classes: dict[str, int] | None = None
     first_dir = urls[0].rsplit("/", 1)[0] if "/" in urls[0] else "."
-    try:
-        with fsspec.open(
-            f"{first_dir}/{MANIFEST_NAME}", "rt", **options_for(urls[0], storage_options)
-        ) as f:
-            classes = dict(Manifest.from_json(f.read()).classes)
-    except (FileNotFoundError, ValueError):
-        classes = None  # foreign tars: class names are the label numbers
+    classes = _neighbour_classes(f"{first_dir}/{MANIFEST_NAME}", urls[0], storage_options)
     items, rejected, max_label = [], [], -1
     for url in urls:
         for key, members, small in scan_tar(url, storage_options):

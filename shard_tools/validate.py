@@ -19,8 +19,9 @@ Validation opens the header, refuses images above ``max_pixels`` before
 allocating them (decompression bombs), then decodes every pixel: JPEGs that
 are kept as they are with libjpeg-turbo (``simplejpeg``), everything else, and
 anything libjpeg-turbo does not accept outright, with PIL.
-``--no-validate`` skips only that full decode (and, for large local files,
-reads just the header: the writer reads the bytes once, by reference).
+``--no-validate`` skips only that full decode of images kept as they are
+(and, for large local files, reads just the header: the writer reads the
+bytes once, by reference); images in other modes are still converted.
 """
 
 from __future__ import annotations
@@ -286,15 +287,18 @@ def image_member(data: bytes, opts: WorkerOptions) -> tuple[str, bytes, int, int
     img = open_header(io.BytesIO(data), opts)
     fmt = img.format
     width, height = img.size
-    if not opts.validate:
+    # The mode is in the header: --no-validate skips the decode of images kept as
+    # they are, never the conversion (which has to decode anyway).
+    convert = img.mode not in KEEP_MODES
+    resize = opts.resize_max_side is not None and max(width, height) > opts.resize_max_side
+    kept = not (convert or resize or opts.image_format != "keep")
+    if kept and not opts.validate:
         return EXT_OF[fmt], data, width, height
     try:
         img.load()
     except Exception as exc:
         raise Rejected(f"undecodable: {type(exc).__name__}: {exc}") from None
-    convert = img.mode not in KEEP_MODES
-    resize = opts.resize_max_side is not None and max(width, height) > opts.resize_max_side
-    if not (convert or resize or opts.image_format != "keep"):
+    if kept:
         return EXT_OF[fmt], data, width, height
     target = {"jpeg": "JPEG", "webp": "WEBP"}.get(opts.image_format)
     if target is None:
@@ -321,9 +325,13 @@ def _header_only(ref: str | TarRef, opts: WorkerOptions) -> tuple[str, int, int,
             stamp = (st.st_size, st.st_mtime_ns)
             header = _turbo_header(f.read(JPEG_HEADER_BYTES), opts)
             if header is not None:
+                if header[2] not in _KEPT_JPEG_COLORSPACES:
+                    return None  # CMYK/YCCK: converted on the full path
                 return "jpg", header[0], header[1], FileRef(ref, 0, st.st_size, stamp)
             f.seek(0)
             img = open_header(f, opts)
+            if img.mode not in KEEP_MODES:
+                return None  # converted on the full path
             return EXT_OF[img.format], img.width, img.height, FileRef(ref, 0, st.st_size, stamp)
     except OSError:
         return None  # the full read reports it with the usual reasons

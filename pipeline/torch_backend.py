@@ -100,13 +100,20 @@ def decode_batch(
 ) -> tuple[torch.Tensor, list[int]]:
     """Decode + augment a batch; return uint8 [N, 3, S, S] and the indices that failed
     to decode (their rows hold a copy of the first good image)."""
-    from torchvision.io import ImageReadMode, decode_image
-
     transform = _TRANSFORMS.get(params)
     if transform is None:
         transform = _TRANSFORMS[params] = build_transform(params)
-    torch.manual_seed(seed)
-    size = params.image_size
+    # torchvision's transforms draw from torch's global RNG. Decoding in the caller's
+    # process (num_workers=0) must not reseed the trainer's stream (dropout, ...):
+    # the batch's seed applies inside a forked RNG state only.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _decode_into(images, transform, params.image_size)
+
+
+def _decode_into(images: list[bytes], transform, size: int) -> tuple[torch.Tensor, list[int]]:
+    from torchvision.io import ImageReadMode, decode_image
+
     out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
     failed: list[int] = []
     first_ok = -1

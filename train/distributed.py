@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from pipeline import World
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,9 +126,59 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
-def barrier() -> None:
-    if active():
-        dist.barrier()
+class PeerError(ValueError):
+    """Rank 0 met a bad-input error (ValueError/OSError) in work it does for every rank."""
+
+
+def decided_by_rank0(fn: Callable[[], T]) -> T:
+    """FN's result on rank 0, handed to every rank (FN runs on rank 0 only).
+
+    For decisions that must be the same everywhere although each rank could see
+    something else (a node-local run directory, say). If FN raises a ValueError
+    or OSError on rank 0, every other rank raises PeerError with its message
+    instead of waiting forever for a result.
+    """
+    if not active():
+        return fn()
+    result: Any = None
+    failure: str | None = None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except (ValueError, OSError) as exc:
+            broadcast_object((None, str(exc)))
+            raise
+    result, failure = broadcast_object((result, failure))
+    if failure is not None:
+        raise PeerError(f"rank 0: {failure}")
+    return result
+
+
+def read_everywhere(fn: Callable[[], T]) -> T:
+    """FN's result on every rank: each rank runs FN; those where it fails with a
+    ValueError or OSError (a file only rank 0's node has) get rank 0's result.
+
+    Costs one small collective when every rank can read for itself, and one
+    broadcast of the result otherwise.
+    """
+    if not active():
+        return fn()
+    result: Any = None
+    error: BaseException | None = None
+    try:
+        result = fn()
+    except (ValueError, OSError) as exc:
+        error = exc
+    failures = all_gather_object(None if error is None else str(error))
+    failure = failures[dist.get_rank()]
+    if failures[0] is not None:  # rank 0 cannot read it either: everyone reports rank 0's error
+        if dist.get_rank() == 0:
+            raise error
+        raise PeerError(f"rank 0: {failures[0]}")
+    if all(f is None for f in failures):
+        return result
+    shared = broadcast_object(result if dist.get_rank() == 0 else None)
+    return result if failure is None else shared
 
 
 def restart_count() -> int:

@@ -70,14 +70,24 @@ def peak_memory_mb(device: torch.device) -> float:
 
 class MetricsLog:
     """Rank 0 appends one JSON object per event to RUN_DIR/metrics.jsonl and prints a
-    readable line; other ranks stay silent. Remote run dirs are rewritten whole on flush
-    (object stores cannot append)."""
+    readable line; other ranks stay silent. Object stores cannot append: a remote file
+    is read once at start (the history of earlier attempts of the run, kept) and
+    rewritten whole, history first, on every flush."""
 
     def __init__(self, run_dir: str, *, enabled: bool, tensorboard: bool = False) -> None:
         self.enabled = enabled
         self.url = run_dir.rstrip("/") + "/metrics.jsonl"
         self.local = "://" not in run_dir or run_dir.startswith("file://")
         self.lines: list[str] = []
+        self._history = ""
+        if enabled and not self.local:
+            try:
+                with fsspec.open(self.url, "r") as f:
+                    self._history = f.read()
+            except FileNotFoundError:
+                pass
+            if self._history and not self._history.endswith("\n"):
+                self._history += "\n"  # a torn last line stays a line of its own
         self.t0 = time.perf_counter()
         self.tb = None
         if enabled and tensorboard:
@@ -118,7 +128,7 @@ class MetricsLog:
             self.tb.flush()
         if not self.local:
             with fsspec.open(self.url, "w") as f:
-                f.write("".join(line + "\n" for line in self.lines))
+                f.write(self._history + "".join(line + "\n" for line in self.lines))
 
     def close(self) -> None:
         if not self.enabled:

@@ -243,16 +243,26 @@ def _device_masks(
 def resume(run: Run) -> None:
     """Restore STATE, loader position and RNGs from --resume (auto: newest complete one)."""
     cfg, st = run.cfg, run.state
-    if cfg.run.resume == "auto":
-        found = checkpoint.load_latest(cfg.run.out)
-        if found is None:
-            run.log.event(
-                "resume", {"checkpoint": None}, "resume auto: no checkpoint yet, starting fresh"
-            )
-            return
-        url, saved = found
-    else:
-        url, saved = cfg.run.resume, checkpoint.load(cfg.run.resume)
+    found: dict[str, Any] = {}  # rank 0's checkpoint, read while choosing it
+
+    def choose() -> str | None:
+        if cfg.run.resume != "auto":
+            return cfg.run.resume
+        latest = checkpoint.load_latest(cfg.run.out)
+        if latest is None:
+            return None
+        found[latest[0]] = latest[1]
+        return latest[0]
+
+    # Every rank resumes from the checkpoint rank 0 chose, even where its own node lists
+    # other files or none (a node-local --out); a rank that cannot read it gets rank 0's copy.
+    url = distributed.decided_by_rank0(choose)
+    if url is None:
+        run.log.event(
+            "resume", {"checkpoint": None}, "resume auto: no checkpoint yet, starting fresh"
+        )
+        return
+    saved = distributed.read_everywhere(lambda: found.pop(url, None) or checkpoint.load(url))
     meta = saved.get("meta") or {}
     if saved.get("format") != checkpoint.FORMAT or "optimizer" not in saved:
         raise checkpoint.CheckpointError(f"{url} is not a training checkpoint of this trainer")
@@ -320,6 +330,7 @@ def save(run: Run) -> None:
     }
     url = checkpoint.save(cfg.run.out, payload, st.step, keep=cfg.run.keep_checkpoints)
     run.log.event("checkpoint", {"step": st.step, "epoch": st.epoch, "url": url})
+    run.log.flush()  # a remote metrics.jsonl then holds at least what a resume starts from
 
 
 def run_eval(run: Run) -> None:

@@ -150,6 +150,23 @@ def test_torch_workers_give_the_same_images(small_ds):
         pooled.close()
 
 
+@pytest.mark.parametrize("name", _params(READING))
+def test_loading_leaves_the_global_rng_alone(name, small_ds):
+    """Decoding in the training process (num_workers=0) draws augmentation from the batch's
+    own seed, never by reseeding torch's global RNG (the trainer's dropout stream)."""
+    cfg = cfg_for(name, small_ds)  # pad + random crop + flip: random draws every batch
+    torch.manual_seed(1234)
+    with build_loader(cfg, World()) as loader:
+        before = torch.get_rng_state()
+        first = [b.images.clone() for b in loader]
+        assert torch.equal(torch.get_rng_state(), before)
+        torch.manual_seed(99)  # whatever the caller does with the global RNG meanwhile
+        loader.set_epoch(1)
+        loader.set_epoch(0)
+        again = [b.images for b in loader]
+    assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+
+
 @pytest.mark.parametrize("policy", ["pad", "drop"])
 def test_elastic_resume_4_to_3(small_ds, policy):
     cfg = cfg_for("torch", small_ds, batch_size=4, remainder=policy)

@@ -112,3 +112,47 @@ def test_two_nodes_agree(tiny_train, tmp_path):
         expected = [micro[i] + micro[i + 1] for i in range(0, 10, 2)]
         assert [audit_steps(out, rank)[s] for s in range(1, 6)] == expected
     assert events(out, "start")[0]["environment"]["world_size"] == 2
+
+
+def _two_nodes(outs, args, port, rdzv_id):
+    """Run `-m train ARGS --out OUTS[node]` as two torchrun nodes of one process each."""
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+               "--rdzv-id", rdzv_id, "-m", "train", *map(str, _args(args[0], outs[node], *args[1:]))]  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_, stderr) in zip(procs, results, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+    return results
+
+
+@pytest.mark.slow
+def test_resume_auto_follows_rank0_with_node_local_run_dirs(tiny_train, tmp_path):
+    """Each node has its own --out (node-local disk); only rank 0 writes checkpoints, so
+    only node 0 sees them. `--resume auto` resumes BOTH ranks from rank 0's choice (node 1
+    reads rank 0's copy): the rest of the run equals an uninterrupted one."""
+    common = ["--batch-size", "8", "--deterministic", "--schedule", "constant", "--resume", "auto"]
+    ref = [tmp_path / "ref0", tmp_path / "ref1"]
+    outs = [tmp_path / "node0", tmp_path / "node1"]
+    _two_nodes(ref, [tiny_train, *common, "--epochs", "2"], free_port(), "ref")
+    _two_nodes(outs, [tiny_train, *common, "--epochs", "1"], free_port(), "leg1")
+    assert list((outs[0] / "checkpoints").glob("*.pt")) and not (outs[1] / "checkpoints").exists()
+    _two_nodes(outs, [tiny_train, *common, "--epochs", "2"], free_port(), "leg2")
+    resumed = events(outs[0], "resume")
+    assert resumed[-1]["step"] == 13 and resumed[-1]["epoch"] == 1
+    for rank in (0, 1):
+        a, b = audit_steps(ref[rank], rank), audit_steps(outs[rank], rank)
+        assert sorted(b) == list(range(1, 27)) and a == b
+        replayed = [
+            json.loads(x)["step"]
+            for x in (outs[rank] / "audit" / f"keys-rank{rank}.jsonl").read_text().splitlines()
+        ]
+        assert replayed == list(range(1, 27))  # the second leg started at step 14 on both
+        final = json.loads((outs[rank] / "audit" / f"final-rank{rank}.json").read_text())
+        assert final == json.loads((ref[rank] / "audit" / f"final-rank{rank}.json").read_text())

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.s3
 def test_s3_run_dir_checkpoints_and_resumes(tiny_train, s3_env, s3_prefix):
     out = f"{s3_prefix}/run"
     args = ["--data", tiny_train, "--backend", "torch", "--num-workers", "0", "--out", out,
-            "--batch-size", "20", "--epochs", "2", "--ckpt-every-steps", "3", "--keep-checkpoints", "2"]  # fmt: skip
+            "--batch-size", "20", "--epochs", "2", "--ckpt-every-steps", "3", "--keep-checkpoints", "2",
+            "--log-every-steps", "1"]  # fmt: skip
     killed = run_train([*args, "--fault-kill-step", "7"], env=env(**s3_env))
     assert killed.returncode == -9
     fs = fsspec.filesystem("s3")
@@ -30,6 +31,11 @@ def test_s3_run_dir_checkpoints_and_resumes(tiny_train, s3_env, s3_prefix):
     assert "train: done: 10 steps" in proc.stdout
     rows = [json.loads(x) for x in fs.cat(f"{out}/metrics.jsonl").decode().splitlines()]
     assert rows[-1]["event"] == "summary" and rows[-1]["step"] == 10
+    # The killed attempt's history is kept, up to its last checkpoint (step 6; step 7's
+    # line was not yet flushed when it died), then the resumed attempt's.
+    assert [r["event"] for r in rows].count("start") == 2
+    assert [r["step"] for r in rows if r["event"] == "train"] == list(range(1, 11))
+    assert [r["step"] for r in rows if r["event"] == "checkpoint"] == [3, 5, 6, 9, 10]
     assert json.loads(fs.cat(f"{out}/config.json"))["run"]["out"] == out
     fs.invalidate_cache()  # the listing above is cached; the second process has written since
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{out}/checkpoints", detail=False))

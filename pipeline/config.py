@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from shard_tools.manifest import check_url
+
 BACKENDS = ("dali-gpu", "dali-cpu", "torch", "synthetic")
 REMAINDER_POLICIES = ("pad", "drop")
 RECIPES = ("imagenet", "small")
@@ -99,6 +101,8 @@ class LoaderConfig:
             raise ValueError(f"backend {self.backend!r} needs data= (a dataset root)")
         if self.data is not None and (not isinstance(self.data, str) or not self.data):
             raise ValueError(f"data must be a non-empty path or URL string, got {self.data!r}")
+        if self.data is not None:
+            check_url(self.data, "data")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(
                 f"batch_size (per rank) must be a positive int, got {self.batch_size!r}"

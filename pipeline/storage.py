@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from pipeline.tario import (
     slice_samples,
     tar_samples,
 )
-from shard_tools.manifest import Manifest, read_manifest
+from shard_tools.manifest import Manifest, read_manifest, redact
 
 log = logging.getLogger("pipeline")
 
@@ -41,16 +40,19 @@ class ShardReadError(RuntimeError):
     """A shard (or its index) could not be read after all retries."""
 
 
+class ShardDataError(ShardReadError):
+    """A shard or index was read but its bytes are damaged (truncated, bad header,
+    disagreeing with the manifest): reported at once, since reading again gives the same."""
+
+
 @functools.cache
 def _retryable() -> tuple[type[BaseException], ...]:
-    """Exception types a read is retried on (and reported as ShardReadError after)."""
-    errors: list[type[BaseException]] = [
-        OSError,
-        TarFormatError,
-        ValueError,
-        RuntimeError,
-        TimeoutError,
-    ]
+    """Storage errors a read is retried on (and reported as ShardReadError after).
+
+    Only storage: an error of this code (a ValueError, a RuntimeError) is a bug and
+    keeps its own type and traceback; damaged bytes are a ShardDataError.
+    """
+    errors: list[type[BaseException]] = [OSError, TimeoutError]
     try:
         # s3fs re-raises connection-level failures (refused, reset, closed before a
         # response) as botocore's own types, which are not OSError. Imported only
@@ -60,12 +62,13 @@ def _retryable() -> tuple[type[BaseException], ...]:
         pass
     else:
         errors.append(BotoCoreError)
+    try:  # fsspec's HTTP(S) filesystem: a dropped connection or an error status
+        from aiohttp import ClientError
+    except ImportError:
+        pass
+    else:
+        errors.append(ClientError)
     return tuple(errors)
-
-
-def redact(url: str) -> str:
-    """URL without any user:password part."""
-    return re.sub(r"(//)[^/@]*@", r"\1", url)
 
 
 @dataclass(kw_only=True)
@@ -116,17 +119,23 @@ class Dataset:
         for attempt in range(attempts):
             try:
                 return fn()
+            except TarFormatError as exc:
+                raise ShardDataError(
+                    redact(f"{what} of dataset {self.root} is damaged: {exc}")
+                ) from None
             except _retryable() as exc:
                 cause = f"{type(exc).__name__}: {exc}"
                 if attempt + 1 == attempts:
                     raise ShardReadError(
-                        f"cannot read {what} of dataset {redact(self.root)} after {attempts} "
-                        f"attempt(s): {cause}"
+                        redact(
+                            f"cannot read {what} of dataset {self.root} after {attempts} "
+                            f"attempt(s): {cause}"
+                        )
                     ) from None
                 wait = self.retry_backoff_s * (2**attempt)
                 with self._lock:  # read-ahead threads retry concurrently
                     self._retried += 1
-                log.warning("reading %s failed (%s); retrying in %.1f s", what, cause, wait)
+                log.warning("reading %s failed (%s); retrying in %.1f s", what, redact(cause), wait)
                 time.sleep(wait)
         raise AssertionError("unreachable")
 
@@ -140,7 +149,11 @@ class Dataset:
         if info.index:
 
             def load() -> ShardIndex:
-                text = self.fs.cat_file(self._path(info.index)).decode("utf-8")
+                raw = self.fs.cat_file(self._path(info.index))
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise TarFormatError(f"{info.index} is not a text index file") from None
                 parsed = parse_index(text, source=info.index)
                 if len(parsed) != info.samples:
                     raise TarFormatError(

@@ -89,6 +89,8 @@ def parse_index(text: str, *, source: str = "index") -> ShardIndex:
         raise TarFormatError(
             f"{source}: unsupported index header {lines[0][:40]!r} (want 'v1.2 N')"
         )
+    if not head[1].isdigit():
+        raise TarFormatError(f"{source}: bad sample count in header {lines[0][:40]!r}")
     count = int(head[1])
     body = [ln for ln in lines[1:] if ln.strip()]
     if len(body) != count:
@@ -101,7 +103,7 @@ def parse_index(text: str, *, source: str = "index") -> ShardIndex:
     label = np.full((count, 2), -1, dtype=np.int64)
     for i, line in enumerate(body):
         parts = line.split(" ")
-        if len(parts) % 4:
+        if len(parts) % 4 or not all(p.isdigit() for p in parts[1::4] + parts[2::4]):
             raise TarFormatError(f"{source}: line {i + 2} is malformed")
         sample = tuple(
             (parts[j], int(parts[j + 1]), int(parts[j + 2]), parts[j + 3])

@@ -9,8 +9,9 @@ memory. Results are consumed in submission order, so the output does not
 depend on worker timing, and a resumed loader reproduces the same images.
 Normalisation to float happens in the main process: shipping uint8 is 4x
 less data than float32. As with any spawn/forkserver start method, a script
-that builds this backend with ``num_workers > 0`` needs the usual
-``if __name__ == "__main__":`` guard.
+that iterates this backend with ``num_workers > 0`` needs the usual
+``if __name__ == "__main__":`` guard; without it, the first iteration raises
+WorkerStartError naming the script's line (``pipeline.mainguard``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.batch import Batch
+from pipeline.mainguard import unguarded_top_level_line
 from pipeline.reader import CorruptDataError, EncodedBatch, encoded_batches
 
 
@@ -155,6 +157,10 @@ def _worker_context():
     return ctx
 
 
+class WorkerStartError(RuntimeError):
+    """Decode workers cannot start from where the loader is iterated."""
+
+
 class Normalizer:
     """uint8 NCHW (any memory format) -> normalised float (cfg.dtype) NCHW in
     channels_last memory format, on the device."""
@@ -190,6 +196,16 @@ class TorchBackend:
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
+            unguarded = unguarded_top_level_line()
+            if unguarded is not None:
+                script, line = unguarded
+                raise WorkerStartError(
+                    f"{script}:{line} iterates a torch-backend loader with num_workers="
+                    f"{self.cfg.num_workers} from top-level code: its decode worker processes "
+                    "start by importing the script, which would run that code again. Put the "
+                    'code that builds and iterates the loader under `if __name__ == "__main__":`, '
+                    "or use num_workers=0"
+                )
             self._pool = ProcessPoolExecutor(
                 self.cfg.num_workers, mp_context=_worker_context(), initializer=_init_worker
             )

@@ -234,7 +234,11 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     result = pack(
         config, storage_options=_storage(args), progress=sys.stderr.isatty() and not args.json
     )
-    print(json.dumps(result.summary(), sort_keys=True) if args.json else result.summary_line())
+    from shard_tools.manifest import redact
+
+    print(
+        redact(json.dumps(result.summary(), sort_keys=True) if args.json else result.summary_line())
+    )
     return 1 if args.strict and result.rejected else 0
 
 
@@ -348,37 +352,39 @@ def _storage_urls(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``shard`` console script; returns the exit status."""
-    from shard_tools.manifest import CREDENTIALS_HINT, ManifestError
+    from shard_tools.inspect import InspectError
+    from shard_tools.manifest import CREDENTIALS_HINT, ManifestError, redact
     from shard_tools.pack import PackError
     from shard_tools.resume import ResumeError
     from shard_tools.sources import SourceError
 
     args = build_parser().parse_args(argv)
     prog = f"shard {args.command}"
+
+    def fail(message: str, status: int = 1) -> int:
+        # Error text may quote a URL the user gave: never print its credentials.
+        print(f"{prog}: error: {redact(message)}", file=sys.stderr)
+        return status
+
     try:
         return COMMANDS[args.command](args)
     except UsageError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except (PackError, ResumeError, SourceError, ManifestError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
+        return fail(str(exc), 2)
+    except (PackError, ResumeError, SourceError, ManifestError, InspectError) as exc:
+        return fail(str(exc))
     except FileNotFoundError as exc:
-        print(f"{prog}: error: not found: {exc.filename or exc}", file=sys.stderr)
-        return 1
+        return fail(f"not found: {exc.filename or exc}")
     except PermissionError as exc:
         # A local file has a name; an object store refusal (wrong secret) only says
         # "Forbidden", so name the storage URLs the command was given.
         where = exc.filename or f"{_storage_urls(args)} ({exc}); {CREDENTIALS_HINT}"
-        print(f"{prog}: error: permission denied: {where}", file=sys.stderr)
-        return 1
+        return fail(f"permission denied: {where}")
     except _storage_errors() as exc:
         # Storage that still fails after the S3 client's own retries (unreachable,
         # connection reset, 503s): one line, and for pack the way to continue.
         hint = "; rerun with --resume to continue" if args.command == "pack" else ""
         cause = " ".join(str(exc).split())
-        print(f"{prog}: error: storage: {type(exc).__name__}: {cause}{hint}", file=sys.stderr)
-        return 1
+        return fail(f"storage: {type(exc).__name__}: {cause}{hint}")
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (rerun pack with --resume to continue)", file=sys.stderr)
         return 130

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from shard_tools.manifest import check_url, redact
+
 _SIZE_UNITS = {
     "": 1,
     "B": 1,
@@ -84,6 +86,8 @@ class PackConfig:
             raise ValueError("src: give a folder, a manifest file or tar files")
         if not self.dest:
             raise ValueError("dest: give a folder or URL")
+        for url in (*(self.src if isinstance(self.src, tuple) else (self.src,)), self.dest):
+            check_url(url, "SRC" if url != self.dest else "DEST")
         if self.max_count < 1:
             raise ValueError(f"--max-count must be >= 1, got {self.max_count}")
         if self.max_bytes < 10240 + 2048:
@@ -138,7 +142,8 @@ class PackConfig:
 
     def recorded_options(self) -> dict[str, Any]:
         """The options that determine the output bytes (written into the manifest)."""
-        src = list(self.src) if isinstance(self.src, tuple) else self.src
+        # Credentials in an http(s) SRC are used to read, never recorded.
+        src = [redact(s) for s in self.src] if isinstance(self.src, tuple) else redact(self.src)
         ray = (
             {"executor": "ray", "ray_chunk_size": self.chunk_size} if self.executor == "ray" else {}
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import tarfile
 from typing import Any
 
 from shard_tools.index import scan_samples
@@ -31,22 +32,63 @@ def _stats(values: list[int]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def image_sizes(dest: Destination, shard_names: list[str]) -> dict[str, Any]:
-    """Width/height statistics and longer-side buckets from the samples' .json members."""
-    widths, heights = [], []
-    buckets = {_bucket(b): 0 for b in (*SIDE_BUCKETS, SIDE_BUCKETS[-1] + 1)}
-    for name in shard_names:
+class InspectError(ValueError):
+    """A shard that cannot be scanned (truncated, not a tar, damaged metadata)."""
+
+
+def _shard_sizes(dest: Destination, name: str, samples: int, nbytes: int) -> list[tuple[int, int]]:
+    """(width, height) from every .json member of shard NAME, which must hold SAMPLES
+    in NBYTES bytes."""
+    sizes, seen = [], 0
+    try:
+        size = dest.size(name)
+    except FileNotFoundError:
+        raise InspectError(f"{name}: missing (listed in the manifest)") from None
+    if size != nbytes:
+        raise InspectError(
+            f"{name}: is {size:,} bytes but the manifest says {nbytes:,} (truncated or "
+            "replaced shard); `shard verify` names the damage"
+        )
+    try:
         with dest.open_read(name) as f:
-            for _, members in scan_samples(f, read=lambda ext: ext == "json"):
+            for key, members in scan_samples(f, read=lambda ext: ext == "json"):
+                seen += 1
                 for ext, _, _, _, data in members:
                     if ext != "json" or data is None:
                         continue
-                    meta = json.loads(data)
+                    try:
+                        meta = json.loads(data)
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        raise InspectError(
+                            f"{name}: sample {key} has a damaged .json member"
+                        ) from None
+                    if not isinstance(meta, dict):
+                        continue
                     w, h = meta.get("width"), meta.get("height")
                     if isinstance(w, int) and isinstance(h, int):
-                        widths.append(w)
-                        heights.append(h)
-                        buckets[_bucket(max(w, h))] += 1
+                        sizes.append((w, h))
+    except tarfile.TarError as exc:
+        raise InspectError(
+            f"{name}: not a readable tar ({exc}); `shard verify` names the damage"
+        ) from None
+    if seen != samples:
+        raise InspectError(
+            f"{name}: holds {seen} samples but the manifest says {samples} (truncated or "
+            "damaged shard); `shard verify` names the damage"
+        )
+    return sizes
+
+
+def image_sizes(dest: Destination, shards: list[tuple[str, int]]) -> dict[str, Any]:
+    """Width/height statistics and longer-side buckets from the samples' .json members
+    of SHARDS ((name, samples, bytes) as the manifest lists them)."""
+    widths, heights = [], []
+    buckets = {_bucket(b): 0 for b in (*SIDE_BUCKETS, SIDE_BUCKETS[-1] + 1)}
+    for name, samples, nbytes in shards:
+        for w, h in _shard_sizes(dest, name, samples, nbytes):
+            widths.append(w)
+            heights.append(h)
+            buckets[_bucket(max(w, h))] += 1
     return {
         "images": len(widths),
         "width": _stats(widths),
@@ -80,7 +122,7 @@ def inspect_dataset(
     }
     if scan:
         dest = Destination(dest_url, storage_options)
-        info["image_sizes"] = image_sizes(dest, [s.name for s in m.shards])
+        info["image_sizes"] = image_sizes(dest, [(s.name, s.samples, s.bytes) for s in m.shards])
     return info
 
 

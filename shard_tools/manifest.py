@@ -12,6 +12,7 @@ version they do not know is refused with a message that says what to do.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +35,17 @@ class ManifestError(ValueError):
     """A manifest that is missing, malformed or of an unknown format version."""
 
 
+def _plain_name(name: str) -> bool:
+    """A file directly in the dataset folder: no path separator, not '.', '..' or empty."""
+    return (
+        bool(name)
+        and "/" not in name
+        and "\\" not in name
+        and name not in (".", "..")
+        and (not name.startswith(".."))
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class ShardInfo:
     """One tar shard: enough to verify it and to plan reads without opening it."""
@@ -47,8 +59,9 @@ class ShardInfo:
     last_key: str = ""
 
     def __post_init__(self) -> None:
-        if "/" in self.name or self.name.startswith(".."):
-            raise ManifestError(f"shard name must be a plain file name, got {self.name!r}")
+        for kind, name in (("shard", self.name), ("index", self.index)):
+            if name is not None and not _plain_name(name):
+                raise ManifestError(f"{kind} name must be a plain file name, got {name!r}")
         if self.samples < 0 or self.bytes < 0:
             raise ManifestError(f"shard {self.name}: negative samples or bytes")
 
@@ -119,6 +132,29 @@ class Manifest:
             raise ManifestError(f"{source} is malformed: {exc}") from None
         except ManifestError as exc:  # a shard entry refused itself: say which file holds it
             raise ManifestError(f"{source}: {exc}") from None
+
+
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """TEXT with the ``user:password@`` part of every URL in it replaced by ``***@``."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def check_url(url: str, what: str) -> None:
+    """Refuse credentials embedded in an object-store URL (s3://key:secret@bucket/...).
+
+    fsspec's object stores do not read them (the bucket would be "key:secret@bucket"),
+    and a URL travels into shell histories, manifests and logs. HTTP(S) sources may
+    carry basic-auth credentials: they are used to read and redacted everywhere else.
+    """
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() not in ("http", "https") and "@" in rest.split("/", 1)[0]:
+        raise ValueError(
+            f"{what} {redact(url)}: credentials in {scheme}:// URLs are not supported; "
+            f"{CREDENTIALS_HINT}"
+        )
 
 
 def join_url(root: str, name: str) -> str:

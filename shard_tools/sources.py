@@ -21,7 +21,7 @@ import fsspec
 import numpy as np
 
 from shard_tools import labels
-from shard_tools.manifest import MANIFEST_NAME, Manifest, ManifestError
+from shard_tools.manifest import MANIFEST_NAME, Manifest, ManifestError, check_url, redact
 from shard_tools.storage import options_for
 from shard_tools.tarwrite import split_name
 
@@ -137,20 +137,21 @@ def _read_table(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The rows of a CSV/JSONL/Parquet manifest and where each one is ("FILE line N")."""
     opts = options_for(url, storage_options)
+    name = redact(url)  # what rows and errors call the file (it reaches rejected.jsonl)
     try:
         if url.lower().endswith(".parquet"):
             import pyarrow.parquet as pq
 
             with fsspec.open(url, "rb", **opts) as f:
                 rows = pq.read_table(f).to_pylist()
-            return rows, [f"{url} row {i}" for i in range(len(rows))]
+            return rows, [f"{name} row {i}" for i in range(len(rows))]
         with fsspec.open(url, "rt", encoding="utf-8", newline="", **opts) as f:
             if url.lower().endswith(".csv"):
                 reader = csv.DictReader(f)
                 rows, where = [], []
                 for row in reader:
                     rows.append(row)
-                    where.append(f"{url} line {reader.line_num}")
+                    where.append(f"{name} line {reader.line_num}")
                 return rows, where
             rows, where = [], []
             for n, line in enumerate(f, 1):
@@ -158,19 +159,19 @@ def _read_table(
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise SourceError(f"{url} line {n}: not JSON ({exc.msg})") from None
+                        raise SourceError(f"{name} line {n}: not JSON ({exc.msg})") from None
                     if not isinstance(row, dict):
-                        raise SourceError(f"{url} line {n}: expected a JSON object")
+                        raise SourceError(f"{name} line {n}: expected a JSON object")
                     rows.append(row)
-                    where.append(f"{url} line {n}")
+                    where.append(f"{name} line {n}")
             return rows, where
     except FileNotFoundError:
-        raise SourceError(f"SRC manifest {url} not found") from None
+        raise SourceError(f"SRC manifest {name} not found") from None
     except (csv.Error, UnicodeDecodeError, OSError) as exc:
-        raise SourceError(f"SRC manifest {url} cannot be read: {exc}") from None
+        raise SourceError(f"SRC manifest {name} cannot be read: {exc}") from None
     except Exception as exc:  # pyarrow raises its own types for a damaged Parquet file
         if type(exc).__module__.startswith("pyarrow"):
-            raise SourceError(f"SRC manifest {url} cannot be read: {exc}") from None
+            raise SourceError(f"SRC manifest {name} cannot be read: {exc}") from None
         raise
 
 
@@ -209,12 +210,18 @@ def _list_manifest(url: str, storage_options: dict[str, Any] | None) -> Source:
         kept_rows, kept_where, resolved.labels, resolved.reasons, strict=True
     ):
         path = str(row["path"])
+        shown = redact(path)  # an http(s) path may carry basic-auth credentials
         if label is None:
-            rejected.append((path, f"{reason} ({at})"))
+            rejected.append((shown, f"{reason} ({at})"))
+            continue
+        try:
+            check_url(path, "path")
+        except ValueError as exc:
+            rejected.append((shown, f"{exc} ({at})"))
             continue
         ref = path if _is_url(path) or path.startswith("/") else f"{base}/{path}"
         extra = {k: v for k, v in row.items() if k not in ("path", "label")} or None
-        items.append(Item(ref, path, label, extra))
+        items.append(Item(ref, shown, label, extra))
     return Source(classes=resolved.classes, items=items, rejected=rejected)
 
 
@@ -327,7 +334,7 @@ def _list_tars(patterns: list[str], storage_options: dict[str, Any] | None) -> S
     items, rejected, max_label = [], [], -1
     for url in urls:
         for key, members, small in scan_tar(url, storage_options):
-            source = f"{url}#{key}"
+            source = f"{redact(url)}#{key}"
             image = next((e for e in members if e.rsplit(".", 1)[-1].lower() in IMAGE_EXTS), None)
             label = _as_int_label(small.get("cls", b"").decode("ascii", "replace").strip())
             if image is None:

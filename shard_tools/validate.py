@@ -40,6 +40,7 @@ from typing import Any
 import fsspec
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from shard_tools.manifest import redact
 from shard_tools.sources import Item, TarRef
 from shard_tools.storage import options_for
 from shard_tools.tarwrite import FileRef, sample_chunk
@@ -351,7 +352,7 @@ def process(pos: int, item: Item, opts: WorkerOptions) -> Result:
             if origin is not None and payload is data and len(data) >= BY_REFERENCE_MIN_BYTES:
                 file_ref = FileRef(origin[0], origin[1], len(data), origin[2])
     except Rejected as exc:
-        return pos, None, str(exc)
+        return pos, None, redact(str(exc))  # a reason may quote the input's URL
     meta: dict[str, Any] = {
         "source": item.source,
         "label": item.label,

@@ -8,27 +8,14 @@ per-rank error file that ``@record`` writes).
 
 from __future__ import annotations
 
-import os
 import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from train import distributed
 from train.config import parse_args
+from train.errors import known_error, print_error
 from train.trainer import build, train
-
-
-def known_error(exc: BaseException) -> bool:
-    """Errors that describe bad input or environment, not a bug in this code."""
-    # ManifestError and CheckpointError are ValueErrors; the pipeline's own error
-    # types (e.g. a backend that cannot run here) are recognised by their package.
-    return isinstance(exc, ValueError | OSError) or type(exc).__module__.startswith("pipeline.")
-
-
-def _error(message: str) -> None:
-    # Under torchrun every rank may report the same problem: say which rank speaks.
-    where = f" [rank {os.environ['RANK']}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    print(f"train: error{where}: {message}", file=sys.stderr, flush=True)
 
 
 @record
@@ -36,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
     except ValueError as exc:
-        _error(str(exc))
+        print_error("train", str(exc))
         return 2
     run = None
     try:
@@ -53,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if not known_error(exc):
             raise
-        _error(str(exc))
+        print_error("train", str(exc))
         return 1
     finally:
         if run is not None:

@@ -286,7 +286,16 @@ class Config:
         return self.run.batch_size // denom
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: asdict(getattr(self, name)) for name in SECTIONS}
+        """All values, with credentials in URLs redacted (this is what runs record)."""
+        from shard_tools.manifest import redact
+
+        return {
+            name: {
+                k: redact(v) if isinstance(v, str) else v
+                for k, v in asdict(getattr(self, name)).items()
+            }
+            for name in SECTIONS
+        }
 
     def write_json(self, path: str) -> None:
         """Write the resolved config (all sections, all values) as JSON; fsspec paths work."""

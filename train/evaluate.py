@@ -23,6 +23,7 @@ from train import distributed, transfer
 from train.checkpoint import CheckpointError, load, load_weights
 from train.config import BACKENDS, DataConfig, OneLineParser
 from train.data import check_same_classes, dataset_classes, loader_config, make_loader
+from train.errors import known_error, print_error
 
 
 @torch.no_grad()
@@ -149,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
         return 0
-    except (ValueError, OSError) as exc:
-        print(f"python -m train.evaluate: error: {exc}", file=sys.stderr, flush=True)
+    except Exception as exc:
+        if not known_error(exc):
+            raise
+        print_error("python -m train.evaluate", str(exc))
         return 1
     finally:
         distributed.teardown()

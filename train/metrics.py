@@ -15,6 +15,8 @@ from typing import Any
 import fsspec
 import torch
 
+from shard_tools.manifest import redact
+
 
 def git_sha() -> str:
     try:
@@ -106,8 +108,9 @@ class MetricsLog:
     def event(self, kind: str, record: dict[str, Any], console: str | None = None) -> None:
         if not self.enabled:
             return
-        line = json.dumps(
-            {"event": kind, "time_s": round(time.perf_counter() - self.t0, 3), **record}
+        # Records and lines may quote a dataset URL: never with its credentials.
+        line = redact(
+            json.dumps({"event": kind, "time_s": round(time.perf_counter() - self.t0, 3), **record})
         )
         if self.local:
             self._file.write(line + "\n")
@@ -115,7 +118,7 @@ class MetricsLog:
         else:
             self.lines.append(line)
         if console:
-            print(console, flush=True)
+            print(redact(console), flush=True)
         if self.tb is not None and "step" in record:
             for k, v in record.items():
                 if isinstance(v, int | float) and k != "step":

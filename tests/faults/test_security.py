@@ -295,6 +295,10 @@ def _bad_manifest(root: Path, how: str) -> None:
         data["format_version"] = 99
     elif how == "shard name '../../x.tar'":
         data["shards"][0]["name"] = "../../x.tar"
+    elif how == "index name '../../x.idx'":
+        data["shards"][0]["index"] = "../../x.idx"
+    elif how == "index name 'sub/x.idx'":
+        data["shards"][-1]["index"] = "sub/x.idx"
     path.write_text(json.dumps(data))
 
 
@@ -305,7 +309,16 @@ def packed(tmp_path_factory, images) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("how", ["format version 99", "malformed JSON", "shard name '../../x.tar'"])
+BAD_MANIFESTS = {
+    "format version 99": "format version 99",
+    "malformed JSON": "not valid JSON",
+    "shard name '../../x.tar'": "shard name must be a plain file name",
+    "index name '../../x.idx'": "index name must be a plain file name",
+    "index name 'sub/x.idx'": "index name must be a plain file name",
+}
+
+
+@pytest.mark.parametrize("how", list(BAD_MANIFESTS))
 def test_bad_manifest_is_refused_by_verify_and_loader(packed, tmp_path, how, capsys, figures):
     root = tmp_path / "ds"
     shutil.copytree(packed, root)
@@ -323,13 +336,96 @@ def test_bad_manifest_is_refused_by_verify_and_loader(packed, tmp_path, how, cap
         f"loader: ManifestError '{loader_msg.replace(str(root), '<ds>')}'",
     )
     assert status == 1 and "\n" not in loader_msg
-    want = {
-        "format version 99": "format version 99",
-        "malformed JSON": "not valid JSON",
-        "shard name '../../x.tar'": "plain file name",
-    }[how]
+    want = BAD_MANIFESTS[how]
     assert want in line and want in loader_msg
     # Every refusal names the file it read (root/manifest.json), the shard-name one included.
     assert f"{root}/manifest.json" in line and f"{root}/manifest.json" in loader_msg
     if how.startswith("format"):
         assert "upgrade shardflow or re-pack" in loader_msg  # says what to do
+
+
+# -- credentials written into URLs -----------------------------------------------------
+
+URL_USER, URL_PASSWORD = "reader", "url-password-7d2c91e04b"
+
+
+@pytest.fixture
+def basic_auth_server(images):
+    """A loopback HTTP server that serves IMAGES' folder only with URL_USER:URL_PASSWORD."""
+    import base64
+    import functools
+    import http.server
+    import threading
+
+    token = "Basic " + base64.b64encode(f"{URL_USER}:{URL_PASSWORD}".encode()).decode()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def _allowed(self) -> bool:
+            if self.headers.get("Authorization") == token:
+                return True
+            self.send_error(401)
+            return False
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            if self._allowed():
+                super().do_GET()
+
+        def do_HEAD(self):  # noqa: N802
+            if self._allowed():
+                super().do_HEAD()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(images))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_credentials_in_urls_are_redacted_or_refused(basic_auth_server, images, tmp_path, figures):
+    """http(s)://user:password@ sources are read with their credentials, which then appear
+    nowhere (manifest, rejected.jsonl, tar members, output); s3://key:secret@ is refused."""
+    host = f"http://{URL_USER}:{URL_PASSWORD}@{basic_auth_server}"
+    rows = ["path,label"] + [
+        f"{host}/{p.relative_to(images)},{p.parent.name}" for p in sorted(images.rglob("*.jpg"))
+    ]
+    rows.append(f"{host}/class01/missing.jpg,class01")
+    (images / "remote.csv").write_text("\n".join(rows) + "\n")
+    dest = tmp_path / "ds"
+    proc = run_shard(
+        ["pack", f"{host}/remote.csv", dest, "--workers", "1", "--json"], env=child_env()
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["samples"] == 16 and summary["rejected"] == 2  # broken.jpg and missing.jpg
+    outputs = {p.name: p.read_bytes() for p in dest.iterdir()}
+    outputs["output"] = (proc.stdout + proc.stderr).encode()
+    leaked = sorted(name for name, data in outputs.items() if URL_PASSWORD.encode() in data)
+    manifest = json.loads(outputs[MANIFEST_NAME])
+    assert manifest["options"]["src"] == f"http://***@{basic_auth_server}/remote.csv"
+    assert b"http://***@" in outputs["rejected.jsonl"]
+
+    refused = {}
+    for cmd in (["pack", images, f"s3://AKIAX:{URL_PASSWORD}@bucket/ds"],
+                ["pack", f"s3://AKIAX:{URL_PASSWORD}@bucket/in/*.tar", tmp_path / "x"]):  # fmt: skip
+        p = run_shard(cmd, env=child_env())
+        refused[cmd[-1 if "s3://" in str(cmd[-1]) else 1]] = (p.returncode, p.stderr)
+    with pytest.raises(ValueError) as caught:
+        LoaderConfig(data=f"s3://AKIAX:{URL_PASSWORD}@bucket/ds", batch_size=4)
+    figures(
+        "security",
+        "credentials inside URLs",
+        outcome=f"http basic-auth SRC packed {summary['samples']} samples; the password found in "
+        f"{leaked or 'none'} of {len(outputs)} outputs; s3://key:secret@ refused with exit "
+        f"{sorted({rc for rc, _ in refused.values()})}",
+    )
+    assert not leaked
+    for status, err in refused.values():
+        assert status == 2 and URL_PASSWORD not in err and "credentials in s3:// URLs" in err
+        assert len(err.strip().splitlines()) == 1
+    assert URL_PASSWORD not in str(caught.value) and "s3://***@bucket/ds" in str(caught.value)

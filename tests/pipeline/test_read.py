@@ -161,3 +161,76 @@ def test_unreachable_s3_endpoint_is_a_shard_read_error(s3_server, s3_ds):
         ds.read_samples(2, np.arange(3))
     assert "\n" not in str(info.value) and s3_server.secret_key not in str(info.value)
     assert ds.retried == 1
+
+
+def test_only_storage_errors_are_retried(small_ds, tmp_path, monkeypatch):
+    """Damaged bytes fail at once as ShardDataError (reading again gives the same); an
+    error of this code (a ValueError/RuntimeError) is not dressed up as a read failure."""
+    import shutil
+
+    from pipeline import storage
+    from pipeline.storage import ShardDataError
+
+    root = tmp_path / "ds"
+    shutil.copytree(small_ds, root)
+    tar = root / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:5000])
+    ds = _open(str(root), retries=3, retry_backoff_s=10)  # a retry would take 10 s
+    with pytest.raises(ShardDataError, match=r"shard shard-000001\.tar .* is damaged: .*truncated"):
+        ds.read_samples(1, np.arange(17))
+    assert ds.retried == 0
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug in the slicer")
+
+    monkeypatch.setattr(storage, "slice_samples", bug)
+    ds = _open(small_ds, retries=3, retry_backoff_s=10)
+    with pytest.raises(RuntimeError, match="a bug in the slicer") as caught:
+        ds.read_samples(0, np.arange(3))
+    assert type(caught.value) is RuntimeError and ds.retried == 0
+
+    (root / "shard-000002.idx").write_text("v1.2 17\nnot an index line\n")
+    ds = _open(str(root), retries=3, retry_backoff_s=10)
+    with pytest.raises(ShardDataError, match=r"index shard-000002\.idx .* is damaged"):
+        ds.read_samples(2, np.arange(3))
+
+
+SCRIPT = """
+from pipeline import LoaderConfig, World, build_loader
+
+def count(loader):
+    return sum(len(b) for b in loader)
+
+loader = build_loader(LoaderConfig(data={data!r}, backend="torch", batch_size=8, image_size=32,
+                                   recipe="small", num_workers=2), World())
+"""
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_script_without_a_main_guard_is_told_the_fix(small_ds, tmp_path, guarded):
+    """The README's loader example as a plain script: workers re-import it. Unguarded, the
+    first iteration names the script's line and the fix (no BrokenProcessPool)."""
+    import subprocess
+    import sys
+
+    body = SCRIPT.format(data=str(small_ds))
+    body += (
+        'if __name__ == "__main__":\n    print("samples", count(loader))\n'
+        if guarded
+        else 'print("samples", count(loader))\n'
+    )
+    script = tmp_path / "train_script.py"
+    script.write_text(body)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    if guarded:
+        assert proc.returncode == 0 and "samples 120" in proc.stdout, proc.stderr
+        return
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("pipeline.torch_backend.WorkerStartError: ")
+    line = body.splitlines().index('print("samples", count(loader))') + 1
+    assert f"{script}:{line} iterates" in last and 'if __name__ == "__main__":' in last
+    assert "BrokenProcessPool" not in proc.stderr

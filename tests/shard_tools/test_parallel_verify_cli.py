@@ -95,6 +95,23 @@ def test_inspect(packed, capsys):
     assert [c["samples"] for c in info["classes"]] == [10, 10, 10]
 
 
+@pytest.mark.parametrize("cut", [700, 1100, 0.5, 0.9])
+def test_inspect_names_a_truncated_shard_in_one_line(packed, tmp_path, capsys, cut):
+    """Cut inside a header, inside a member, or at a member boundary: never a traceback,
+    never a silent count of fewer images."""
+    import shutil
+
+    root = tmp_path / "ds"
+    shutil.copytree(packed, root)
+    tar = root / "shard-000001.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[: cut if isinstance(cut, int) else int(len(data) * cut)])
+    assert main(["inspect", str(root)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("shard inspect: error: shard-000001.tar: ")
+    assert main(["inspect", str(root), "--no-scan"]) == 0  # the manifest alone is intact
+
+
 def test_help_lists_commands_and_key_options():
     out = subprocess.run(
         [sys.executable, "-m", "shard_tools.cli", "--help"], capture_output=True, text=True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -144,7 +145,7 @@ def _in_process(main, argv, capsys, *, rc=1):
 # @record installs a fault handler on stderr's fd, which pytest's capture does not have.
 @pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 def test_bad_input_is_one_clear_line(
-    tiny_train, three_class, other_four, finished_run, tmp_path, capsys
+    tiny_train, tiny_val, three_class, other_four, finished_run, tmp_path, capsys
 ):
     from train.__main__ import main
     from train.evaluate import main as evaluate_main
@@ -177,6 +178,15 @@ def test_bad_input_is_one_clear_line(
     assert "label classes differently" in line
     line = _in_process(main, _args(tiny_train, tmp_path / "r7", "--backend", "dali-gpu"), capsys)
     assert "needs a GPU" in line
+    missing = tmp_path / "missing-shard"
+    shutil.copytree(tiny_val, missing)
+    (missing / "shard-000001.tar").unlink()
+    line = _in_process(
+        evaluate_main,
+        ["--checkpoint", ckpt, "--data", missing, "--backend", "torch", "--num-workers", "0"],
+        capsys,
+    )
+    assert "cannot read shard shard-000001.tar" in line
     with pytest.raises(SystemExit) as exc:
         main([str(a) for a in _args(tiny_train, tmp_path / "r8", "--optimizer", "lamb")])
     assert exc.value.code == 2

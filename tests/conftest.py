@@ -34,10 +34,21 @@ def _has_dali() -> bool:
         return False
 
 
+# The test command (scripts/test.sh) installs the dali extra and sets this: there, a
+# DALI that does not import fails the run instead of quietly skipping every DALI test.
+REQUIRE_DALI_ENV = "SHARDFLOW_REQUIRE_DALI"
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is visible here")
     skip_dali = pytest.mark.skip(reason="needs NVIDIA DALI: pip install -e '.[dali]'")
     cuda, dali = _has_cuda(), _has_dali()
+    if not dali and os.environ.get(REQUIRE_DALI_ENV) == "1":
+        wanted = sum("dali" in item.keywords for item in items)
+        raise pytest.UsageError(
+            f"{REQUIRE_DALI_ENV}=1 but NVIDIA DALI does not import: {wanted} DALI tests would be "
+            "skipped; install the dali extra (scripts/bootstrap.sh dev,dali)"
+        )
     for item in items:
         if "gpu" in item.keywords and not cuda:
             item.add_marker(skip_gpu)

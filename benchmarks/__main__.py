@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks import data
-from benchmarks.harness import markdown_table, write_results
+from benchmarks.harness import BenchmarkError, markdown_table, write_results
 
 # suite name -> module; a suite whose module is missing is reported, not crashed on.
 SUITES = {
@@ -103,7 +103,11 @@ def _run_suite(name: str, known, rest: list[str], shared_work: Path | None) -> i
     args.repeats = known.repeats or (1 if known.quick else 3)
     print(f"== {name}{' (quick)' if known.quick else ''}", flush=True)
     t0 = time.perf_counter()
-    measurements, notes = module.run(args)
+    try:
+        measurements, notes = module.run(args)
+    except BenchmarkError as exc:
+        print(f"benchmarks: {name}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     paths = write_results(name, measurements, known.out, notes=notes, plot=not known.no_plot)
     print(markdown_table(measurements))
     for k, v in (notes or {}).items():

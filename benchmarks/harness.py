@@ -20,7 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.metrics import git_sha
+from train.metrics import git_dirty, git_sha
+
+
+class BenchmarkError(RuntimeError):
+    """A measurement that measured nothing (0 items of work): never a result."""
 
 
 @dataclass(kw_only=True)
@@ -80,9 +84,12 @@ def measure(
     for that repetition's rate), so a loader that yields a ragged last batch is
     counted honestly.
     """
+    if items <= 0:
+        raise BenchmarkError(f"{name}: {items} items of work per run; nothing to time")
     m = Measurement(name=name, unit=unit, items=items, baseline=baseline, params=params or {})
     for _ in range(warmup):
-        run()
+        if run() == 0:
+            raise BenchmarkError(f"{name}: the warm-up run did 0 items of work; nothing to time")
         _sync()
     for i in range(repeats):
         _sync()
@@ -90,6 +97,8 @@ def measure(
         done = run()
         _sync()
         dt = time.perf_counter() - t0
+        if done is not None and done <= 0:
+            raise BenchmarkError(f"{name}: run {i + 1} did {done} items of work; nothing to time")
         # Normalise so that items/seconds is the rate of this repetition.
         m.seconds.append(dt * (items / done) if done else dt)
         if progress:
@@ -116,6 +125,7 @@ def environment() -> dict[str, Any]:
     env: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "git_sha": git_sha(),
+        "git_dirty": git_dirty(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_model": _cpu_model(),
@@ -220,7 +230,8 @@ def write_results(
     header = (
         f"## {suite}\n\n{env['date']} · {env['cpu_model']} ({env['cpu_count']} cores)"
         f" · GPU: {env['gpu'] or 'none'} · torch {env['versions']['torch']}"
-        f" · DALI {env['versions']['nvidia.dali']} · git {env['git_sha']}\n\n"
+        f" · DALI {env['versions']['nvidia.dali']} · git {env['git_sha']}"
+        f"{' (uncommitted changes)' if env['git_dirty'] else ''}\n\n"
     )
     body = markdown_table(measurements)
     if notes:

@@ -18,10 +18,10 @@ import torch
 from shard_tools.manifest import redact
 
 
-def git_sha() -> str:
+def _git(*args: str) -> str | None:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", *args],
             capture_output=True,
             text=True,
             check=True,
@@ -29,7 +29,20 @@ def git_sha() -> str:
             timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+
+
+def git_sha() -> str:
+    return _git("rev-parse", "--short", "HEAD") or "unknown"
+
+
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit git_sha names (None: not a git checkout).
+
+    A figure measured on a dirty tree does not belong to that commit alone.
+    """
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
 
 
 def _version(dist_prefix: str) -> str | None:
@@ -46,6 +59,7 @@ def environment(device: torch.device, world_size: int, backend: str) -> dict[str
     """Versions, devices and code revision: enough to reproduce or compare a run."""
     env: dict[str, Any] = {
         "git_sha": git_sha(),
+        "git_dirty": git_dirty(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,

@@ -30,6 +30,21 @@ def test_measure_uses_the_work_actually_done():
     assert m.rates[0] == pytest.approx(full.rates[0] / 2, rel=1e-6)
 
 
+def test_a_run_that_did_no_work_is_an_error_not_a_result():
+    with pytest.raises(harness.BenchmarkError, match="run 2 did 0 items"):
+        counts = iter([10, 0])
+        harness.measure("empty", lambda: next(counts), items=10, warmup=0, repeats=2, progress=None)
+    with pytest.raises(harness.BenchmarkError, match="warm-up run did 0 items"):
+        harness.measure("empty", lambda: 0, items=10, warmup=1, repeats=1, progress=None)
+    with pytest.raises(harness.BenchmarkError, match="0 items of work per run"):
+        harness.measure("nothing", lambda: None, items=0, warmup=0, repeats=1, progress=None)
+
+
+def test_results_record_the_commit_and_whether_the_tree_was_dirty():
+    env = harness.environment()
+    assert env["git_sha"] != "" and env["git_dirty"] in (True, False, None)
+
+
 def test_ratios_against_named_baseline():
     base = harness.Measurement(name="torch", unit="img/s", items=100, seconds=[1.0, 2.0, 1.0])
     fast = harness.Measurement(

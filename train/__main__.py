@@ -8,12 +8,11 @@ per-rank error file that ``@record`` writes).
 
 from __future__ import annotations
 
-import sys
-
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from train import distributed
 from train.config import parse_args
+from train.entry import exit_now, status_of
 from train.errors import known_error, print_error
 from train.trainer import build, train
 
@@ -34,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         run = build(cfg, d)
         train(run)
+        # No rank tears its connections down while a peer is still in the last collective.
+        distributed.barrier()
         return 0
     except KeyboardInterrupt:
         return 130
@@ -49,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(status_of(main))  # see train.entry: no interpreter finalization after teardown

@@ -181,6 +181,11 @@ def read_everywhere(fn: Callable[[], T]) -> T:
     return result if failure is None else shared
 
 
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
 def restart_count() -> int:
     """How many times torchrun has restarted this job's workers (0 on the first attempt)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from train import distributed, transfer
 from train.checkpoint import CheckpointError, load, load_weights
 from train.config import BACKENDS, DataConfig, OneLineParser
 from train.data import check_same_classes, dataset_classes, loader_config, make_loader
+from train.entry import exit_now, status_of
 from train.errors import known_error, print_error
 
 
@@ -160,4 +160,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(status_of(main))  # see train.entry: no interpreter finalization after teardown

@@ -156,3 +156,44 @@ def test_resume_auto_follows_rank0_with_node_local_run_dirs(tiny_train, tmp_path
         assert replayed == list(range(1, 27))  # the second leg started at step 14 on both
         final = json.loads((outs[rank] / "audit" / f"final-rank{rank}.json").read_text())
         assert final == json.loads((ref[rank] / "audit" / f"final-rank{rank}.json").read_text())
+
+
+PROBE = """
+import os
+
+class _Probe:
+    # Cleared with the module dicts while the interpreter finalizes: write down the
+    # threads the process still has then (builtins may be gone: os calls only).
+    def __del__(self):
+        names = []
+        for task in os.listdir("/proc/self/task"):
+            fd = os.open(f"/proc/self/task/{task}/comm", os.O_RDONLY)
+            names.append(os.read(fd, 64).decode().strip())
+            os.close(fd)
+        fd = os.open(os.path.join(os.environ["PROBE_OUT"], f"{os.getpid()}.txt"),
+                     os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, "\\n".join(names).encode())
+        os.close(fd)
+
+_probe = _Probe()
+"""
+
+
+def test_no_rank_finalizes_the_interpreter_with_gloo_threads_alive(tiny_train, tmp_path):
+    """DDP keeps the gloo backend, and its native threads, past destroy_process_group;
+    a native thread that touches the interpreter while it finalizes is ended with
+    pthread_exit, which aborts C++ (exit -6 of a finished run). A rank's process must
+    end after its teardown without finalizing the interpreter with those threads."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(PROBE)
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    out = tmp_path / "run"
+    args = _args(tiny_train, out, "--batch-size", "8", "--epochs", "1", "--max-steps", "3")
+    extra = {"PYTHONPATH": str(probe), "PROBE_OUT": str(seen)}
+    check(run_train(args, torchrun=["--standalone", "--nproc-per-node", "2"], env=env(**extra)))
+    assert events(out, "summary")[0]["step"] == 3
+    finalized = {p.name: p.read_text().split() for p in seen.iterdir()}
+    with_gloo = {pid: names for pid, names in finalized.items() if any("gloo" in n for n in names)}
+    assert not with_gloo, f"ranks finalized with gloo threads alive: {with_gloo}"

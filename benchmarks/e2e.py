@@ -147,7 +147,7 @@ def _pairs(args, work: Path) -> list[dict]:
 
 def _measure_pair(p: dict, args, notes: dict, traces: dict) -> list[Measurement]:
     from pipeline import LoaderConfig
-    from shard_tools.manifest import read_manifest
+    from shard_tools.format import read_manifest
 
     device = _device()
     tag = f"{p['name']}/{p['model']}"

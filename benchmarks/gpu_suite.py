@@ -195,7 +195,7 @@ def _prepare(work: Path, sz: Sizes, notes: dict) -> dict[str, str]:
 # -- part 2: feed ratios ---------------------------------------------------------
 def _feed(root: str, sz: Sizes, repeats: int, notes: dict) -> list[Measurement]:
     from pipeline import LoaderConfig
-    from shard_tools.manifest import read_manifest
+    from shard_tools.format import read_manifest
 
     device = torch.device(sz.device)
     num_classes = read_manifest(root).num_classes

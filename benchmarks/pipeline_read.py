@@ -83,7 +83,7 @@ def _loader_run(cfg, epochs: int):
 
 
 def _items(root: str, batch: int, epochs: int, storage_options=None) -> int:
-    from shard_tools.manifest import read_manifest
+    from shard_tools.format import read_manifest
 
     n = read_manifest(root, storage_options).samples
     return -(-n // batch) * batch * epochs

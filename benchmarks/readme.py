@@ -88,7 +88,9 @@ def render_shard_write(result: Result) -> str:
     ]
     for ds in names:
         p = result.params(f"{ds}/b pack-novalidate")
-        label = f"{DATASETS.get(ds, ds)}, {p.get('images', 0):,} images ({p.get('source_mb', 0):,} MB)"
+        label = (
+            f"{DATASETS.get(ds, ds)}, {p.get('images', 0):,} images ({p.get('source_mb', 0):,} MB)"
+        )
         b = f"{ds}/b pack-novalidate"
         lines.append(
             f"| {label} | {_vs(result, b, f'{ds}/a wds-shardwriter')} | "
@@ -151,7 +153,10 @@ def render_pipeline(result: Result) -> str:
         if parts:
             s3.append(f"{DATASETS[ds]}: {', '.join(parts)}")
     if s3:
-        lines += ["", "Same shards from S3 (SeaweedFS on loopback), against local: " + "; ".join(s3) + "."]
+        lines += [
+            "",
+            "Same shards from S3 (SeaweedFS on loopback), against local: " + "; ".join(s3) + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -170,7 +170,7 @@ def assign(
 ) -> Assignment:
     """This rank's segments of the epoch (see the module docstring for the rules).
 
-    MANIFEST is a :class:`shard_tools.manifest.Manifest` or a sequence of
+    MANIFEST is a :class:`shard_tools.format.Manifest` or a sequence of
     per-shard sample counts. Pure: equal arguments give equal results on every
     rank and every run.
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from shard_tools.manifest import check_url
+from shard_tools.format import check_url
 
 BACKENDS = ("dali-gpu", "dali-cpu", "torch", "synthetic")
 REMAINDER_POLICIES = ("pad", "drop")

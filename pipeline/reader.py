@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.sanity import check_image
-from pipeline.tario import RawSample
+from shard_tools.format import RawSample
 
 log = logging.getLogger("pipeline")
 

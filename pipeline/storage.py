@@ -21,15 +21,17 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from pipeline.tario import (
+from shard_tools.format import (
+    Manifest,
     RawSample,
     ShardIndex,
     TarFormatError,
     parse_index,
+    read_manifest,
+    redact,
     slice_samples,
     tar_samples,
 )
-from shard_tools.manifest import Manifest, read_manifest, redact
 
 log = logging.getLogger("pipeline")
 

@@ -37,7 +37,7 @@ OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 --standalone -m train \
 python - "$DEMO" "$(( $(date +%s) - start ))" <<'PY'
 import json, sys
 from pathlib import Path
-from shard_tools.manifest import read_manifest
+from shard_tools.format import read_manifest
 demo, wall = Path(sys.argv[1]), sys.argv[2]
 m = read_manifest(str(demo / "shards" / "train"))
 events = [json.loads(line) for line in (demo / "run" / "metrics.jsonl").read_text().splitlines()]

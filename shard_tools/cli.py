@@ -234,7 +234,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     result = pack(
         config, storage_options=_storage(args), progress=sys.stderr.isatty() and not args.json
     )
-    from shard_tools.manifest import redact
+    from shard_tools.format import redact
 
     print(
         redact(json.dumps(result.summary(), sort_keys=True) if args.json else result.summary_line())
@@ -352,8 +352,8 @@ def _storage_urls(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``shard`` console script; returns the exit status."""
+    from shard_tools.format import CREDENTIALS_HINT, ManifestError, redact
     from shard_tools.inspect import InspectError
-    from shard_tools.manifest import CREDENTIALS_HINT, ManifestError, redact
     from shard_tools.pack import PackError
     from shard_tools.resume import ResumeError
     from shard_tools.sources import SourceError

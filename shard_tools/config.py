@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from shard_tools.manifest import check_url, redact
+from shard_tools.format import check_url, redact
 
 _SIZE_UNITS = {
     "": 1,

@@ -12,8 +12,7 @@ import statistics
 import tarfile
 from typing import Any
 
-from shard_tools.index import scan_samples
-from shard_tools.manifest import read_manifest
+from shard_tools.format import META_EXT, read_manifest, scan_samples
 from shard_tools.storage import Destination, options_for
 
 SIDE_BUCKETS = (64, 128, 256, 512, 1024)
@@ -51,10 +50,10 @@ def _shard_sizes(dest: Destination, name: str, samples: int, nbytes: int) -> lis
         )
     try:
         with dest.open_read(name) as f:
-            for key, members in scan_samples(f, read=lambda ext: ext == "json"):
+            for key, members in scan_samples(f, read=lambda ext: ext == META_EXT):
                 seen += 1
                 for ext, _, _, _, data in members:
-                    if ext != "json" or data is None:
+                    if ext != META_EXT or data is None:
                         continue
                     try:
                         meta = json.loads(data)

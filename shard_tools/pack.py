@@ -30,13 +30,13 @@ from PIL import Image
 
 from shard_tools import __version__, resume, validate
 from shard_tools.config import PackConfig
-from shard_tools.manifest import (
-    INDEX_SUFFIX,
+from shard_tools.format import (
     MANIFEST_NAME,
     REJECTED_NAME,
-    SHARD_PATTERN,
     Manifest,
     ShardInfo,
+    index_name,
+    shard_name,
 )
 from shard_tools.sources import Item, Source, describe, list_source, select
 from shard_tools.storage import Destination
@@ -172,8 +172,8 @@ class _ShardSink:
     """One shard being written: its atomic file, its tar writer, its journal data."""
 
     def __init__(self, dest: Destination, index: int) -> None:
-        self.name = SHARD_PATTERN.format(index=index)
-        self.index_name = self.name[: -len(".tar")] + INDEX_SUFFIX
+        self.name = shard_name(index)
+        self.index_name = index_name(self.name)
         self._cm = dest.atomic_writer(self.name)
         self.tar = ShardTarWriter(
             self._cm.__enter__(), sync_every=SYNC_EVERY if dest.is_local else None

@@ -44,7 +44,7 @@ from typing import Any
 from shard_tools import pack as packing
 from shard_tools import resume
 from shard_tools.config import PackConfig
-from shard_tools.manifest import INDEX_SUFFIX, SHARD_PATTERN, ManifestError, join_url
+from shard_tools.format import ManifestError, index_name, join_url, shard_name
 from shard_tools.resume import ResumeError
 from shard_tools.sources import Item, Source, SourceError, TarRef, describe
 from shard_tools.storage import Destination
@@ -232,12 +232,12 @@ def _publish(
     """Give chunk INDEX's shards their final names; return the renamed entries."""
     final = []
     for k, entry in enumerate(entries):
-        name = SHARD_PATTERN.format(index=first_number + k)
-        index_name = name[: -len(".tar")] + INDEX_SUFFIX
+        name = shard_name(first_number + k)
+        idx_name = index_name(name)
         # The index first: a shard under its final name always has its index.
-        _move(dest, f"{chunk_dir(index)}/{entry['index']}", index_name, None)
+        _move(dest, f"{chunk_dir(index)}/{entry['index']}", idx_name, None)
         _move(dest, f"{chunk_dir(index)}/{entry['name']}", name, entry["bytes"])
-        final.append({**entry, "name": name, "index": index_name})
+        final.append({**entry, "name": name, "index": idx_name})
     return final
 
 

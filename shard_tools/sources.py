@@ -21,12 +21,20 @@ import fsspec
 import numpy as np
 
 from shard_tools import labels
-from shard_tools.manifest import MANIFEST_NAME, Manifest, ManifestError, check_url, redact
+from shard_tools.format import (
+    INPUT_IMAGE_EXTS,
+    LABEL_EXT,
+    MANIFEST_NAME,
+    META_EXT,
+    Manifest,
+    ManifestError,
+    check_url,
+    redact,
+    scan_samples,
+)
 from shard_tools.storage import options_for
-from shard_tools.tarwrite import split_name
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
-IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "jp2"}
 
 
 class SourceError(Exception):
@@ -266,33 +274,19 @@ def _open_stream(url: str, opts: dict[str, Any]):
 
 
 def scan_tar(url: str, storage_options: dict[str, Any] | None):
-    """Yield (key, {ext: TarInfo}, {ext: small member bytes}) per sample of one tar.
+    """Yield (key, {ext: Member}, {ext: small member bytes}) per sample of one tar.
 
     Streams the tar once; .cls and .json members are read, images only located.
     """
     opts = options_for(url, storage_options)
+    small_exts = (LABEL_EXT, META_EXT)
     try:
-        with (
-            _open_stream(url, opts) as f,
-            tarfile.open(fileobj=f, mode="r|") as tf,
-        ):
-            key, members, small = None, {}, {}
-            for m in tf:
-                check_member(url, m)
-                if not m.isfile():
-                    continue
-                k, ext = split_name(m.name)
-                if not k or k.endswith("/"):
-                    continue  # hidden files, like wds2idx
-                if k != key:
-                    if key is not None:
-                        yield key, members, small
-                    key, members, small = k, {}, {}
-                members[ext] = m
-                if ext in ("cls", "json"):
-                    small[ext] = tf.extractfile(m).read()
-            if key is not None:
-                yield key, members, small
+        with _open_stream(url, opts) as f:
+            for key, members in scan_samples(
+                f, read=lambda ext: ext in small_exts, check=lambda m: check_member(url, m)
+            ):
+                by_ext = {m.ext: m for m in members}
+                yield key, by_ext, {m.ext: m.data for m in members if m.data is not None}
     except tarfile.TarError as exc:
         raise SourceError(f"{url}: not a readable uncompressed tar ({exc})") from None
     except FileNotFoundError:
@@ -335,8 +329,10 @@ def _list_tars(patterns: list[str], storage_options: dict[str, Any] | None) -> S
     for url in urls:
         for key, members, small in scan_tar(url, storage_options):
             source = f"{redact(url)}#{key}"
-            image = next((e for e in members if e.rsplit(".", 1)[-1].lower() in IMAGE_EXTS), None)
-            label = _as_int_label(small.get("cls", b"").decode("ascii", "replace").strip())
+            image = next(
+                (e for e in members if e.rsplit(".", 1)[-1].lower() in INPUT_IMAGE_EXTS), None
+            )
+            label = _as_int_label(small.get(LABEL_EXT, b"").decode("ascii", "replace").strip())
             if image is None:
                 rejected.append((source, "sample has no image member"))
                 continue
@@ -344,15 +340,15 @@ def _list_tars(patterns: list[str], storage_options: dict[str, Any] | None) -> S
                 rejected.append((source, "sample has no valid .cls label"))
                 continue
             extra = None
-            if "json" in small:
+            if META_EXT in small:
                 try:
-                    meta = json.loads(small["json"])
+                    meta = json.loads(small[META_EXT])
                     extra = meta.get("extra") if isinstance(meta, dict) else None
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     extra = None
             m = members[image]
             ext = image.rsplit(".", 1)[-1].lower()
-            items.append(Item(TarRef(url, m.offset_data, m.size, ext), source, label, extra))
+            items.append(Item(TarRef(url, m.offset, m.size, ext), source, label, extra))
             max_label = max(max_label, label)
     if classes is None:
         classes = {str(i): i for i in range(max_label + 1)}

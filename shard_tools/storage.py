@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import fsspec
 
-from shard_tools.manifest import join_url
+from shard_tools.format import join_url
 
 TMP_DIR = ".tmp"
 _S3_PROTOCOLS = {"s3", "s3a"}

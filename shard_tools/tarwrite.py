@@ -1,14 +1,10 @@
-"""Deterministic tar writing with the DALI index built from the offsets we write.
+"""Writing shards fast: samples built into tar bytes away from the writer, appended in order.
 
-Every header has mtime 0, uid/gid 0, empty user/group names and mode 0644, in
-plain ustar format, so equal samples give equal bytes on any machine, with any
-number of workers and on any storage. The layout is exactly what Python's
-``tarfile`` writes for the same members (two zero blocks, then padding to a
-10 KiB record), which the tests check.
-
-The ``.idx`` file is DALI's webdataset index, format v1.2 as written by its
-``wds2idx`` tool: a line ``v1.2 <samples>``, then one line per sample listing
-``<ext> <data offset> <size> <member name>`` for each of its members.
+The bytes follow :mod:`shard_tools.format` (headers, member names, the
+``.idx``); this module is the machinery around them: samples are turned into
+their exact tar bytes (:func:`sample_chunk`) in worker processes, and one
+:class:`ShardTarWriter` per shard appends them, hashing and writing on a
+thread of its own and recording the index lines from the offsets it writes.
 """
 
 from __future__ import annotations
@@ -19,60 +15,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO, NamedTuple
 
-BLOCK = 512
-RECORD = 20 * BLOCK  # tarfile.RECORDSIZE: archives are padded to a whole record
-IDX_VERSION = "v1.2"
-
-# Header fields after the name that never change (ustar, regular file):
-# mode, uid, gid come before size; mtime, checksum, type, link name and the
-# ustar magic after it. The checksum is filled in per header.
-_MODE_UID_GID = b"0000644\x00" + b"0000000\x00" + b"0000000\x00"
-_MTIME = b"00000000000\x00"
-_AFTER_CHKSUM = (
-    b"0"  # typeflag: regular file
-    + b"\x00" * 100  # linkname
-    + b"ustar\x0000"  # magic + version
-    + b"\x00" * 32  # uname
-    + b"\x00" * 32  # gname
-    + b"\x00" * 16  # devmajor, devminor: empty for regular files, as tarfile writes them
-    + b"\x00" * 155  # prefix
-    + b"\x00" * 12  # padding to 512
-)
-_MAX_SIZE = 8**11 - 1  # 11 octal digits
-
-
-_CHKSUM_CONST = (
-    sum(_MODE_UID_GID) + sum(_MTIME) + sum(_AFTER_CHKSUM) + 8 * 0x20 + 0
-)  # + name + size
-
-
-def tar_header(name: str, size: int) -> bytes:
-    """The 512-byte ustar header for a regular file NAME of SIZE bytes."""
-    raw = name.encode("utf-8")
-    if len(raw) > 100:
-        raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
-    if size > _MAX_SIZE:
-        raise ValueError(f"tar member {name!r} is larger than 8 GiB")
-    size_field = b"%011o\x00" % size
-    # The checksum is the byte sum of the header with its own field as spaces;
-    # only the name and the size vary, so the rest is summed once at import.
-    chksum = _CHKSUM_CONST + sum(raw) + sum(size_field)
-    return b"".join(
-        (
-            raw,
-            b"\x00" * (100 - len(raw)),
-            _MODE_UID_GID,
-            size_field,
-            _MTIME,
-            b"%06o\x00 " % chksum,
-            _AFTER_CHKSUM,
-        )
-    )
-
-
-def padded(size: int) -> int:
-    """SIZE rounded up to whole tar blocks."""
-    return -(-size // BLOCK) * BLOCK
+from shard_tools.format import check_key, finished_size, index_text, member_name, padded, tar_header
 
 
 class FileRef(NamedTuple):
@@ -95,7 +38,7 @@ class SampleChunk(NamedTuple):
     Headers depend only on member names and sizes, never on the position in
     the shard, so workers build chunks and the writer only appends them. With
     ``file_ref``, the first member's data is not in ``data`` but in that file
-    and belongs at ``data[BLOCK]``.
+    and belongs right after its header (at its offset in ``members``).
     """
 
     key: str
@@ -126,33 +69,36 @@ def read_ref(ref: FileRef) -> bytes:
 
 
 def sample_chunk(
-    key: str, members: list[tuple[str, bytes]], *, file_ref: FileRef | None = None
+    key: str,
+    members: list[tuple[str, bytes]],
+    *,
+    file_ref: FileRef | None = None,
+    plain: bool = True,
 ) -> SampleChunk:
     """Build the tar bytes of sample KEY; members ``(ext, data)`` become ``<key>.<ext>``.
 
     With FILE_REF, the first member's data is the referenced bytes (and its
-    ``data`` in MEMBERS is ignored).
+    ``data`` in MEMBERS is ignored). PLAIN (what ``shard pack`` writes): the key
+    is one name without a folder; otherwise any key the format can represent.
     """
-    if "." in key or "/" in key or not key:
-        raise ValueError(f"sample key must be a plain name without dots: {key!r}")
+    if plain and "/" in key:
+        raise ValueError(f"sample key must be a plain name without '/': {key!r}")
+    check_key(key)
     parts: list[bytes] = []
     index = []
     offset = 0
     for i, (ext, data) in enumerate(members):
-        size = file_ref.size if (file_ref is not None and i == 0) else len(data)
+        by_ref = file_ref is not None and i == 0
+        size = file_ref.size if by_ref else len(data)
         pad = padded(size) - size
-        parts.append(tar_header(f"{key}.{ext}", size))
-        if not (file_ref is not None and i == 0):
+        header = tar_header(member_name(key, ext), size)
+        parts.append(header)
+        if not by_ref:
             parts.append(data)
         parts.append(b"\x00" * pad)
-        index.append((ext, offset + BLOCK, size))
-        offset += BLOCK + size + pad
+        index.append((ext, offset + len(header), size))
+        offset += len(header) + size + pad
     return SampleChunk(key, b"".join(parts), tuple(index), file_ref)
-
-
-def finished_size(body_bytes: int) -> int:
-    """Size of a tar whose members take BODY_BYTES, after the end-of-archive trailer."""
-    return -(-(body_bytes + 2 * BLOCK) // RECORD) * RECORD
 
 
 class ShardTarWriter:
@@ -245,11 +191,15 @@ class ShardTarWriter:
         if chunk.file_ref is None:
             self._write(chunk.data)
         else:
-            self._write(chunk.data[:BLOCK])
+            split = chunk.members[0][1]  # the first member's data follows its header
+            self._write(chunk.data[:split])
             self._write(read_ref(chunk.file_ref))
-            self._write(chunk.data[BLOCK:])
+            self._write(chunk.data[split:])
         self._idx_lines.append(
-            " ".join(f"{ext} {base + off} {size} {key}.{ext}" for ext, off, size in chunk.members)
+            " ".join(
+                f"{ext} {base + off} {size} {member_name(key, ext)}"
+                for ext, off, size in chunk.members
+            )
         )
         if not self.samples:
             self.first_key = key
@@ -296,14 +246,3 @@ class ShardTarWriter:
         if not self._finished:
             raise RuntimeError("sha256 is known only after finish()")
         return self._hash.hexdigest()
-
-
-def index_text(sample_lines: list[str]) -> str:
-    """The whole .idx file from one line per sample."""
-    return f"{IDX_VERSION} {len(sample_lines)}\n" + "".join(line + "\n" for line in sample_lines)
-
-
-def split_name(path: str) -> tuple[str, str]:
-    """Split a member name into (key, extension) exactly as ``wds2idx`` does."""
-    dot = path.find(".", path.rfind("/") + 1)
-    return path[:dot], path[dot + 1 :]

@@ -40,7 +40,7 @@ from typing import Any
 import fsspec
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from shard_tools.manifest import redact
+from shard_tools.format import redact
 from shard_tools.sources import Item, TarRef
 from shard_tools.storage import options_for
 from shard_tools.tarwrite import FileRef, sample_chunk

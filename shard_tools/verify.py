@@ -16,12 +16,15 @@ from typing import Any
 
 from PIL import Image
 
-from shard_tools.index import index_line, scan_samples
-from shard_tools.manifest import ShardInfo, read_manifest
+from shard_tools.format import (
+    IMAGE_EXTS,
+    ShardInfo,
+    index_line,
+    index_text,
+    read_manifest,
+    scan_samples,
+)
 from shard_tools.storage import Destination, options_for
-from shard_tools.tarwrite import index_text
-
-IMAGE_EXTS = {"jpg", "jpeg", "png", "webp"}
 
 
 class _HashingReader(io.RawIOBase):
@@ -94,7 +97,9 @@ def _check_shard(dest: Destination, shard: ShardInfo, decode: bool, report: Veri
     with dest.open_read(name) as f:
         reader = _HashingReader(f)
         try:
-            for key, members in scan_samples(reader, read=lambda ext: decode and ext in IMAGE_EXTS):
+            for key, members in scan_samples(
+                reader, read=lambda ext: decode and ext.lower() in IMAGE_EXTS
+            ):
                 samples += 1
                 lines.append(index_line(members))
                 for _ext, _, _, member, data in members:

@@ -287,7 +287,7 @@ class Config:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """All values, with credentials in URLs redacted (this is what runs record)."""
-        from shard_tools.manifest import redact
+        from shard_tools.format import redact
 
         return {
             name: {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pipeline import LoaderConfig, World, build_loader
-from shard_tools.manifest import read_manifest
+from shard_tools.format import read_manifest
 from train.config import DataConfig
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from shard_tools.manifest import redact
+from shard_tools.format import redact
 
 
 def known_error(exc: BaseException) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 import fsspec
 import torch
 
-from shard_tools.manifest import redact
+from shard_tools.format import redact
 
 
 def _git(*args: str) -> str | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import data
-from shard_tools.manifest import read_manifest
+from shard_tools.format import read_manifest
 from shard_tools.synth import make_image_folder
 
 

@@ -168,7 +168,7 @@ def test_compose_data_job_packs_into_the_compose_s3_server(compose_s3):
     image entrypoint, against SeaweedFS started by the `s3` service's script."""
     import yaml
 
-    from shard_tools.manifest import read_manifest
+    from shard_tools.format import read_manifest
 
     proc, client_env, tmp_path = compose_s3
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())

@@ -95,7 +95,7 @@ def random_bytes(seed: int, n: int = 3000) -> bytes:
 
 def image_spans(idx_path: Path) -> list[tuple[str, int, int]]:
     """(key, offset, size) of the image member of every sample listed in a DALI .idx."""
-    from pipeline.tario import parse_index
+    from shard_tools.format import parse_index
 
     index = parse_index(idx_path.read_text(), source=idx_path.name)
     return [

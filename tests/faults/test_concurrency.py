@@ -23,7 +23,7 @@ import s3fs
 
 from pipeline import LoaderConfig, World, build_loader
 from shard_tools.config import PackConfig
-from shard_tools.manifest import read_manifest
+from shard_tools.format import read_manifest
 from shard_tools.pack import pack
 from shard_tools.synth import make_image_folder
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from shard_tools.config import PackConfig
-from shard_tools.manifest import MANIFEST_NAME
+from shard_tools.format import MANIFEST_NAME
 from shard_tools.pack import pack
 from shard_tools.synth import make_image_folder
 from tests.faults.faulthelpers_rw import REPO, child_env, run_shard, tree_digest

@@ -27,7 +27,7 @@ import torch
 from pipeline import LoaderConfig, World, build_loader
 from shard_tools import s3_server as srv
 from shard_tools.cli import main as shard_main
-from shard_tools.manifest import MANIFEST_NAME, ManifestError
+from shard_tools.format import MANIFEST_NAME, ManifestError
 from shard_tools.synth import make_image_folder
 from tests.faults.faulthelpers_rw import REPO, child_env, jpeg, one_line_error, run_shard
 from train import checkpoint

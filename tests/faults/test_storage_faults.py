@@ -34,7 +34,7 @@ from pipeline.batch import EpochReport
 from pipeline.storage import ShardReadError
 from shard_tools import s3_server as srv
 from shard_tools.config import PackConfig
-from shard_tools.manifest import read_manifest
+from shard_tools.format import read_manifest
 from shard_tools.pack import pack
 from shard_tools.synth import make_image_folder
 from tests.faults.faultproxy import FaultProxy, Faults

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from shard_tools.manifest import read_manifest
+from shard_tools.format import read_manifest
 from tests.faults.faulthelpers_rw import (
     jpeg,
     jpeg_with_size,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline import Batch, LoaderConfig, World, build_loader
-from pipeline.tario import tar_samples
+from shard_tools.format import tar_samples
 
 BATCH = 7  # 120 samples: 18 steps, 6 pad repeats on one rank
 
@@ -249,7 +249,7 @@ def test_reads_from_s3_like_local(name, s3_ds, small_ds):
 @pytest.mark.s3
 def test_s3_wrong_secret_fails_without_leaking_it(s3_server, s3_ds):
     url, _ = s3_ds
-    from shard_tools.manifest import ManifestError
+    from shard_tools.format import ManifestError
 
     secret = "definitely-wrong-secret"
     with pytest.raises((ManifestError, PermissionError, OSError)) as info:

@@ -14,7 +14,7 @@ from pipeline import LoaderConfig
 from pipeline.reader import to_sample
 from pipeline.sanity import check_image
 from pipeline.storage import Dataset, ShardReadError
-from pipeline.tario import tar_samples
+from shard_tools.format import tar_samples
 
 
 def _open(root, **kw) -> Dataset:

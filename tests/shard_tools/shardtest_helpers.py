@@ -39,7 +39,7 @@ def assert_s3_pack_equals_local(local, remote, prefix: str, opts: dict) -> None:
     (no chunk, journal or temporary objects left behind)."""
     import fsspec
 
-    from shard_tools.manifest import read_manifest
+    from shard_tools.format import read_manifest
 
     assert [(s.name, s.sha256, s.bytes) for s in remote.shards] == [
         (s.name, s.sha256, s.bytes) for s in local.shards

@@ -16,7 +16,7 @@ from shardtest_helpers import read_rejected
 
 from shard_tools.cli import main
 from shard_tools.config import PackConfig
-from shard_tools.manifest import MANIFEST_NAME, read_manifest
+from shard_tools.format import MANIFEST_NAME, read_manifest
 from shard_tools.pack import pack
 
 

@@ -7,7 +7,7 @@ import json
 import webdataset as wds
 
 from shard_tools.config import PackConfig
-from shard_tools.manifest import MANIFEST_NAME, read_manifest
+from shard_tools.format import MANIFEST_NAME, read_manifest
 from shard_tools.pack import pack
 from shard_tools.synth import make_image_folder
 

@@ -14,7 +14,7 @@ from shardtest_helpers import assert_s3_pack_equals_local, tree_digest
 
 from shard_tools.cli import main
 from shard_tools.config import PackConfig
-from shard_tools.manifest import read_manifest
+from shard_tools.format import read_manifest
 from shard_tools.pack import PackError, pack
 from shard_tools.synth import make_image_folder
 from shard_tools.verify import verify

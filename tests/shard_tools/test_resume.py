@@ -13,7 +13,7 @@ import pytest
 from shardtest_helpers import tree_digest
 
 from shard_tools.config import PackConfig
-from shard_tools.manifest import MANIFEST_NAME
+from shard_tools.format import MANIFEST_NAME
 from shard_tools.pack import pack
 from shard_tools.resume import ResumeError
 from shard_tools.synth import make_image_folder

@@ -10,7 +10,7 @@ from shardtest_helpers import assert_s3_pack_equals_local
 
 from shard_tools.cli import main
 from shard_tools.config import PackConfig
-from shard_tools.manifest import read_manifest
+from shard_tools.format import read_manifest
 from shard_tools.pack import pack
 from shard_tools.verify import verify
 

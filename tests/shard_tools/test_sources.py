@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 
 from shard_tools.config import PackConfig
-from shard_tools.manifest import read_manifest
+from shard_tools.format import read_manifest
 from shard_tools.pack import pack
 from shard_tools.sources import SourceError, list_source, select
 

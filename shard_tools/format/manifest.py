@@ -18,11 +18,9 @@ from typing import Any
 
 import fsspec
 
+from shard_tools.format.names import MANIFEST_NAME
+
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-REJECTED_NAME = "rejected.jsonl"
-SHARD_PATTERN = "shard-{index:06d}.tar"
-INDEX_SUFFIX = ".idx"
 
 
 CREDENTIALS_HINT = (

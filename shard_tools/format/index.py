@@ -1,50 +1,33 @@
-"""Webdataset tar parsing: a whole shard's bytes, or byte ranges located by the .idx.
+"""The ``.idx`` beside a shard: DALI's webdataset index, format v1.2, written and read.
 
-A sample is the run of tar members sharing a key, webdataset-style: the key is
-the member name up to the first dot of its base name, the rest is the
-extension (``n01440764_10026.jpg`` -> key ``n01440764_10026``, ext ``jpg``).
-The DALI index (format v1.2) lists per sample each member's extension, data
-offset, size and name, so a byte range of consecutive samples can be sliced
-without parsing tar headers at all.
+A line ``v1.2 <samples>``, then one line per sample listing
+``<ext> <data offset> <size> <member name>`` for each of its members, as
+DALI's ``wds2idx`` writes it. A writer that knows its offsets writes it in the
+same pass; a reader locates any run of samples with it and slices their
+members out of one ranged read, without parsing tar headers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-BLOCK = 512
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from shard_tools.format.names import IMAGE_EXTS, LABEL_EXT, split_name
+from shard_tools.format.tar import RawSample, TarFormatError
+
+IDX_VERSION = "v1.2"
 
 
-class TarFormatError(ValueError):
-    """Bytes that are not a well-formed (or complete) tar / index."""
+def index_line(members: Iterable[tuple]) -> str:
+    """One sample's line from its members (ext, data offset, size, name, ...)."""
+    return " ".join(f"{m[0]} {m[1]} {m[2]} {m[3]}" for m in members)
 
 
-def split_name(name: str) -> tuple[str, str]:
-    """'dir/abc.seg.jpg' -> ('dir/abc', 'seg.jpg')."""
-    dot = name.find(".", name.rfind("/") + 1)
-    if dot < 0:
-        return name, ""
-    return name[:dot], name[dot + 1 :]
-
-
-@dataclass(frozen=True, slots=True)
-class RawSample:
-    """What the loader needs of one sample: its key, the bytes of its image member
-    (the first of jpg/jpeg/png/webp) and of its ``.cls`` label (None if absent).
-    Other members (``.json``) are not read into memory."""
-
-    key: str
-    image: bytes | None
-    label: bytes | None
-
-
-def _pick(members: dict[str, bytes]) -> tuple[bytes | None, bytes | None]:
-    lower = {e.lower(): v for e, v in members.items()}
-    image = next((lower[e] for e in IMAGE_EXTS if e in lower), None)
-    return image, lower.get("cls")
+def index_text(sample_lines: list[str]) -> str:
+    """The whole .idx file from one line per sample."""
+    return f"{IDX_VERSION} {len(sample_lines)}\n" + "".join(line + "\n" for line in sample_lines)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,9 +68,9 @@ def parse_index(text: str, *, source: str = "index") -> ShardIndex:
     if not lines:
         raise TarFormatError(f"{source} is empty")
     head = lines[0].split()
-    if len(head) != 2 or head[0] != "v1.2":
+    if len(head) != 2 or head[0] != IDX_VERSION:
         raise TarFormatError(
-            f"{source}: unsupported index header {lines[0][:40]!r} (want 'v1.2 N')"
+            f"{source}: unsupported index header {lines[0][:40]!r} (want '{IDX_VERSION} N')"
         )
     if not head[1].isdigit():
         raise TarFormatError(f"{source}: bad sample count in header {lines[0][:40]!r}")
@@ -117,8 +100,8 @@ def parse_index(text: str, *, source: str = "index") -> ShardIndex:
         img = next((exts[e] for e in IMAGE_EXTS if e in exts), None)
         if img is not None:
             image[i] = img[1:3]
-        if "cls" in exts:
-            label[i] = exts["cls"][1:3]
+        if LABEL_EXT in exts:
+            label[i] = exts[LABEL_EXT][1:3]
     return ShardIndex(
         members=tuple(members), begin=begin, end=end, keys=tuple(keys), image=image, label=label
     )
@@ -151,67 +134,3 @@ def slice_samples(
             )
         )
     return out
-
-
-def _octal(field: bytes) -> int:
-    if field and field[0] & 0x80:  # GNU base-256 for sizes > 8 GiB
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def _pax_path(data: bytes) -> str | None:
-    for record in data.decode("utf-8", "replace").split("\n"):
-        _, _, kv = record.partition(" ")
-        if kv.startswith("path="):
-            return kv[5:]
-    return None
-
-
-def iter_tar(data: bytes):
-    """Yield (name, member bytes) of the regular files of a complete tar in DATA."""
-    pos = 0
-    n = len(data)
-    long_name: str | None = None
-    while pos + BLOCK <= n:
-        header = data[pos : pos + BLOCK]
-        if header == b"\0" * BLOCK:
-            return
-        if sum(header[:148]) + 256 + sum(header[156:]) != _octal(header[148:156]):
-            raise TarFormatError(f"bad tar header checksum at byte {pos}")
-        size = _octal(header[124:136])
-        kind = header[156:157]
-        start = pos + BLOCK
-        stop = start + size
-        if stop > n:
-            raise TarFormatError(f"tar member at byte {pos} is cut off (truncated shard)")
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-        if header[257:262] == b"ustar" and prefix:
-            name = prefix + "/" + name
-        pos = start + -(-size // BLOCK) * BLOCK
-        if kind == b"L":
-            long_name = data[start:stop].split(b"\0", 1)[0].decode("utf-8", "replace")
-            continue
-        if kind == b"x":
-            long_name = _pax_path(data[start:stop]) or long_name
-            continue
-        if kind in (b"0", b"\0"):
-            yield (long_name or name), data[start:stop]
-        long_name = None
-    if pos != n:
-        raise TarFormatError("tar ends inside a header or member (truncated shard)")
-
-
-def tar_samples(data: bytes) -> list[RawSample]:
-    """All samples of a complete tar, in file order (members grouped by key)."""
-    grouped: list[tuple[str, dict[str, bytes]]] = []
-    for name, payload in iter_tar(data):
-        key, ext = split_name(name)
-        if not key or key.endswith("/") or not ext:
-            continue
-        if grouped and grouped[-1][0] == key:
-            grouped[-1][1][ext] = payload
-        else:
-            grouped.append((key, {ext: payload}))
-    return [RawSample(key, *_pick(members)) for key, members in grouped]

@@ -1,0 +1,106 @@
+"""The shard format, defined once: writer and reader side by side.
+
+What is a sample's key, which members belong to it, which extensions are
+images: :mod:`~shard_tools.format.names` (webdataset's rule: the key is the
+member name up to the first dot of its base name; consecutive members with one
+key are one sample). How its bytes are laid out in a tar and read back:
+:mod:`~shard_tools.format.tar`. The ``.idx`` beside each shard (DALI's v1.2
+webdataset index): :mod:`~shard_tools.format.index`. The ``manifest.json`` that
+makes a folder of shards a dataset, and its version:
+:mod:`~shard_tools.format.manifest`. ``shard_tools`` writes with it and
+``pipeline`` reads with it; nothing else defines any of it.
+"""
+
+from shard_tools.format.index import (
+    IDX_VERSION,
+    ShardIndex,
+    index_line,
+    index_text,
+    parse_index,
+    slice_samples,
+)
+from shard_tools.format.manifest import (
+    CREDENTIALS_HINT,
+    FORMAT_VERSION,
+    Manifest,
+    ManifestError,
+    ShardInfo,
+    check_url,
+    join_url,
+    read_manifest,
+    redact,
+)
+from shard_tools.format.names import (
+    IMAGE_EXTS,
+    INDEX_SUFFIX,
+    INPUT_IMAGE_EXTS,
+    LABEL_EXT,
+    MANIFEST_NAME,
+    META_EXT,
+    REJECTED_NAME,
+    SHARD_PATTERN,
+    check_key,
+    image_ext,
+    index_name,
+    member_name,
+    shard_name,
+    split_name,
+    wds2idx_index_name,
+)
+from shard_tools.format.tar import (
+    BLOCK,
+    RECORD,
+    Member,
+    RawSample,
+    TarFormatError,
+    finished_size,
+    iter_tar,
+    padded,
+    scan_samples,
+    tar_header,
+    tar_samples,
+)
+
+__all__ = [
+    "BLOCK",
+    "CREDENTIALS_HINT",
+    "FORMAT_VERSION",
+    "IDX_VERSION",
+    "IMAGE_EXTS",
+    "INDEX_SUFFIX",
+    "INPUT_IMAGE_EXTS",
+    "LABEL_EXT",
+    "MANIFEST_NAME",
+    "META_EXT",
+    "RECORD",
+    "REJECTED_NAME",
+    "SHARD_PATTERN",
+    "Manifest",
+    "ManifestError",
+    "Member",
+    "RawSample",
+    "ShardIndex",
+    "ShardInfo",
+    "TarFormatError",
+    "check_key",
+    "check_url",
+    "finished_size",
+    "image_ext",
+    "index_line",
+    "index_name",
+    "index_text",
+    "iter_tar",
+    "join_url",
+    "member_name",
+    "padded",
+    "parse_index",
+    "read_manifest",
+    "redact",
+    "scan_samples",
+    "shard_name",
+    "slice_samples",
+    "split_name",
+    "tar_header",
+    "tar_samples",
+    "wds2idx_index_name",
+]

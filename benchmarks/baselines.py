@@ -85,14 +85,3 @@ def webdataset_loader(
         dataset, batch_size=None, num_workers=num_workers, persistent_workers=False
     )
     return iter(loader)
-
-
-def synthetic_batches(
-    steps: int, *, batch_size: int, image_size: int, num_classes: int, device: str = "cpu"
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The ceiling: the same tensors every step, already on the device."""
-    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, num_classes, (batch_size,), device=device)
-    for _ in range(steps):
-        yield images, labels

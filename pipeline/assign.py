@@ -1,4 +1,7 @@
-"""Who reads what: a pure function from (manifest, world, epoch, seed) to work.
+"""Who reads what: the epoch's sample stream, cut into equal per-rank parts.
+
+:func:`pipeline.order.plan_rank` (the one function the loader plans with, and
+the one the property tests check for world sizes 1..16) builds on these pieces.
 
 The epoch's global sample stream is the shards in an order shuffled from
 (seed, epoch), each shard's samples in pack order. The stream is cut into
@@ -26,8 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from pipeline.world import World
 
 # Salts keep the RNG streams of different purposes independent for equal seeds.
 SHARD_ORDER_SALT = 0x5A4D
@@ -61,20 +62,6 @@ class Split:
     @property
     def num_dropped(self) -> int:
         return sum(len(s) for s in self.dropped)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Assignment:
-    """One rank's share of one epoch."""
-
-    rank: int
-    world_size: int
-    segments: tuple[Segment, ...]
-    per_rank: int
-    steps: int
-    real: int
-    padded: int
-    dropped: int
 
 
 def shard_order(num_shards: int, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
@@ -155,36 +142,4 @@ def split_stream(stream: Sequence[Segment], world_size: int, batch_size: int, po
         real=real,
         padded=padded,
         dropped=tuple(rest),
-    )
-
-
-def assign(
-    manifest,
-    world: World,
-    epoch: int,
-    seed: int,
-    policy: str = "pad",
-    *,
-    batch_size: int = 1,
-    shuffle: bool = True,
-) -> Assignment:
-    """This rank's segments of the epoch (see the module docstring for the rules).
-
-    MANIFEST is a :class:`shard_tools.format.Manifest` or a sequence of
-    per-shard sample counts. Pure: equal arguments give equal results on every
-    rank and every run.
-    """
-    sizes = manifest.shard_sizes if hasattr(manifest, "shard_sizes") else list(manifest)
-    split = split_stream(
-        epoch_stream(sizes, epoch, seed, shuffle), world.world_size, batch_size, policy
-    )
-    return Assignment(
-        rank=world.rank,
-        world_size=world.world_size,
-        segments=split.ranks[world.rank],
-        per_rank=split.per_rank,
-        steps=split.steps,
-        real=split.real,
-        padded=split.padded,
-        dropped=split.num_dropped,
     )

@@ -13,7 +13,11 @@
 - ``shard-NNNNNN.idx``: DALI's webdataset index (v1.2, as ``wds2idx``
   writes it), built from the offsets the writer knows;
 - ``rejected.jsonl``: ``{"path", "reason"}`` per input not packed;
-- ``manifest.json`` (``shard_tools.manifest``), written last: the commit marker.
+- ``manifest.json``, written last: the commit marker.
+
+The format (keys, members, tar layout, ``.idx``, manifest) is defined once,
+writer and reader side by side, in ``shard_tools.format``; the pipeline reads
+with it.
 
 ``--executor ray`` packs the input in chunks of ``--ray-chunk-size`` inputs
 as Ray tasks (``pip install 'shardflow[ray]'``), each writing straight to

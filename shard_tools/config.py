@@ -126,10 +126,6 @@ class PackConfig:
             )
 
     @property
-    def reencode(self) -> bool:
-        return self.resize_max_side is not None or self.image_format != "keep"
-
-    @property
     def num_workers(self) -> int:
         return self.workers or default_workers()
 

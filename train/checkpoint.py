@@ -22,7 +22,9 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
-FORMAT = 1
+# 2: one entry per part of the run's state (train.state), progress included; 1 kept
+# step, epoch and step_in_epoch at the top. Format 1 files load, upgraded.
+FORMAT = 2
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 
@@ -104,7 +106,27 @@ def load(url: str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {url} is unreadable ({first[:200]})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {url} holds a {type(state).__name__}, not a dict")
-    return state
+    return upgrade(state)
+
+
+def upgrade(state: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 training checkpoint in today's layout (other dicts as they are)."""
+    if state.get("format") != 1:
+        return state
+    out = {k: v for k, v in state.items() if k not in ("step", "epoch", "step_in_epoch")}
+    if "step" in state:
+        out["progress"] = {
+            "step": state["step"],
+            "epoch": state.get("epoch", 0),
+            "step_in_epoch": state.get("step_in_epoch", 0),
+        }
+    out["format"] = FORMAT
+    return out
+
+
+def step_of(state: dict[str, Any]) -> int | None:
+    """The optimizer step a training checkpoint was taken at (None for a plain state_dict)."""
+    return (state.get("progress") or {}).get("step")
 
 
 def load_latest(run_dir: str) -> tuple[str, dict[str, Any]] | None:
@@ -115,7 +137,7 @@ def load_latest(run_dir: str) -> tuple[str, dict[str, Any]] | None:
         except CheckpointError as exc:
             print(f"train: warning: skipping step {step}: {exc}", file=sys.stderr, flush=True)
             continue
-        if state.get("format") == FORMAT:
+        if state.get("format") == FORMAT:  # load() upgraded older readable formats
             return url, state
         print(
             f"train: warning: skipping {url}: not a training checkpoint",

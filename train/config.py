@@ -227,10 +227,6 @@ class RunConfig:
         choices=("auto", "nccl", "gloo"),
     )
     dist_timeout_s: int = _opt(600, "collective timeout in seconds (default: %(default)s)")
-    fault_kill_step: int = _opt(
-        0, "testing aid: SIGKILL --fault-kill-rank after this step, first attempt only"
-    )
-    fault_kill_rank: int = _opt(0, "rank killed by --fault-kill-step (default: %(default)s)")
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -243,8 +239,6 @@ class RunConfig:
             "eval_every_steps",
             "ckpt_every_steps",
             "keep_checkpoints",
-            "fault_kill_step",
-            "fault_kill_rank",
         ):
             _check_range("--" + name.replace("_", "-"), getattr(self, name), 0)
         _check_choice("--precision", self.precision, ("auto", "fp32", "bf16", "fp16"))

@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from train import distributed, transfer
-from train.checkpoint import CheckpointError, load, load_weights
+from train.checkpoint import CheckpointError, load, load_weights, step_of
 from train.config import BACKENDS, DataConfig, OneLineParser
 from train.data import check_same_classes, dataset_classes, loader_config, make_loader
 from train.entry import exit_now, status_of
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     finally:
         loader.close()
-    result = {"checkpoint": args.checkpoint, "data": args.data, "step": state.get("step"), **result}
+    result = {"checkpoint": args.checkpoint, "data": args.data, "step": step_of(state), **result}
     if d.is_main:
         print(json.dumps(result), flush=True)
     return result

@@ -6,8 +6,6 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -180,17 +178,6 @@ def window_record(window: Window, settings: StepSettings, world_size: int) -> di
         "data_wait_frac": wait_s / world_size / max(max_elapsed, 1e-9),
         "peak_mem_mb": peak_memory_mb(settings.device),
     }
-
-
-def fault_injection(step: int, rank: int, kill_step: int, kill_rank: int) -> None:
-    """Testing aid: SIGKILL this rank after KILL_STEP, on torchrun's first attempt only
-    (the restarted job must be able to pass the same step)."""
-    if kill_step and step == kill_step and rank == kill_rank and distributed.restart_count() == 0:
-        # Said first: torchrun may report the peer's failure instead of this exit.
-        print(
-            f"fault injection: SIGKILL rank {rank} after step {step}", file=sys.stderr, flush=True
-        )
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_epoch(

@@ -7,7 +7,6 @@ import json
 import platform
 import resource
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -155,10 +154,6 @@ class MetricsLog:
             self._file.close()
         if self.tb is not None:
             self.tb.close()
-
-
-def warn(message: str) -> None:
-    print(f"train: warning: {message}", file=sys.stderr, flush=True)
 
 
 def format_step(r: dict[str, Any]) -> str:

@@ -2,7 +2,7 @@
 
 Nothing here downloads weights: torchvision models are built with
 ``weights=None``. Each entry records which submodule is the classifier head so
-that transfer learning can swap it for a new class count (``replace_head``)
+that transfer learning can train it on its own (``classifier_parameters``)
 and fine-tuning can give the backbone its own learning rate (``classifier_parameters``).
 """
 
@@ -169,14 +169,6 @@ def classifier_parameters(model: nn.Module, name: str) -> set[int]:
     """ids of the classifier's parameters (ModelSpec.classifier, or the head alone)."""
     names = MODELS[name].classifier or (MODELS[name].head,)
     return {id(p) for n in names for p in getattr(model, n).parameters()}
-
-
-def replace_head(model: nn.Module, name: str, num_classes: int) -> nn.Module:
-    """Swap the classifier for a freshly initialised one with NUM_CLASSES outputs."""
-    old = head_module(model, name)
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
-    setattr(model, MODELS[name].head, new.to(device=old.weight.device, dtype=old.weight.dtype))
-    return model
 
 
 def num_classes_of(model: nn.Module, name: str) -> int:

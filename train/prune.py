@@ -106,13 +106,6 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         p.mul_(mask.to(device=p.device, dtype=p.dtype))
 
 
-def check_masks(model: nn.Module, masks: dict[str, torch.Tensor], url: str) -> None:
-    params = dict(model.named_parameters())
-    for name, mask in masks.items():
-        if name not in params or params[name].shape != mask.shape:
-            raise CheckpointError(f"{url}: mask {name} does not fit the model")
-
-
 @torch.no_grad()
 def structured_seed_cnn(model: SeedCNN, sparsity: float) -> SlimSeedCNN:
     """Drop the lowest-L1 output channels of conv1 and conv2 and shrink conv2/fc1 inputs."""

@@ -20,12 +20,12 @@ from train.data import check_same_classes, dataset_classes, loader_config, make_
 from train.distill import Distiller, load_teacher
 from train.distributed import Dist
 from train.evaluate import evaluate
-from train.loop import KeyAudit, StepSettings, TrainState, apply_masks, fault_injection, run_epoch
+from train.faults import KillAt
+from train.loop import KeyAudit, StepSettings, TrainState, run_epoch
 from train.metrics import MetricsLog, environment, format_eval, format_step
 from train.models import resolve_image_size
 from train.optim import EMA, build_optimizer, build_scheduler, loss_fn, param_groups
-
-RANK_SEED_SALT = 0x7EA1
+from train.state import device_masks, load_parts, rank_seed, run_parts, save_parts
 
 
 @dataclass(kw_only=True)
@@ -42,6 +42,7 @@ class Run:
     log: MetricsLog
     audit: KeyAudit
     evals: list[dict[str, Any]] = field(default_factory=list)
+    kill_at: KillAt | None = None  # test-only fault injection (train.faults)
     last_saved_step: int = -1
     train_s: float = 0.0
     images: int = 0
@@ -77,10 +78,6 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, RANK_SEED_SALT]).generate_state(1)[0])
-
-
 def resolve_classes(cfg: Config) -> tuple[int, dict[str, int] | None]:
     """Class count (and name -> label map) from the manifest(s), checked against
     --num-classes and the validation data."""
@@ -113,57 +110,7 @@ def build(cfg: Config, d: Dist) -> Run:
     num_classes, classes = resolve_classes(cfg)
     image_size = resolve_image_size(cfg.model.model, cfg.data.image_size, cfg.model.cifar_stem)
     cfg = with_overrides(cfg, model={"num_classes": num_classes}, data={"image_size": image_size})
-    per_rank = cfg.per_rank_batch(d.world_size)
-    amp = amp_dtype(cfg.run.precision, d.device)
-
-    common = dict(
-        image_size=image_size, seed=cfg.run.seed, device=d.device, num_classes=num_classes
-    )
-    loader = make_loader(
-        loader_config(cfg.data, url=cfg.data.data, train=True, per_rank_batch=per_rank, **common),
-        d.world,
-    )
-    val_loader = None
-    if cfg.data.val_data:
-        val_loader = make_loader(
-            loader_config(cfg.data, url=cfg.data.val_data, train=False,
-                          per_rank_batch=per_rank * cfg.run.grad_accum, **common),
-            d.world,
-        )  # fmt: skip
-
-    seed_all(cfg.run.seed)  # identical initial weights on every rank
-    source = (
-        transfer.read_source(cfg.model.init_from, cfg.model.model) if cfg.model.init_from else None
-    )
-    model = transfer.build_for(
-        source, cfg.model.model, num_classes, cifar_stem=cfg.model.cifar_stem
-    )
-    plan = transfer.TransferPlan(lr_mult_of={}, frozen_modules=[])
-    masks: dict[str, torch.Tensor] = {}
-    if source is not None:
-        transfer.load_backbone(model, cfg.model.model, source)
-        plan = transfer.prepare(
-            model,
-            cfg.model.model,
-            cfg.model.transfer,
-            cfg.model.backbone_lr_mult,
-            cfg.model.head_lr_mult,
-        )
-        if cfg.model.keep_masks:
-            if not source.masks:
-                raise ValueError(f"--keep-masks: {cfg.model.init_from} stores no pruning masks")
-            masks = source.masks
-    model = model.to(d.device)
-    masks = _device_masks(model, masks, cfg.model.init_from)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    runner: nn.Module = model
-    if d.world_size > 1:
-        device_ids = [d.device.index] if d.device.type == "cuda" else None
-        runner = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
-    if cfg.model.compile:
-        runner = torch.compile(runner)
-
+    loader, val_loader = _build_loaders(cfg, d)
     steps_per_epoch = len(loader) // cfg.run.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(
@@ -173,37 +120,8 @@ def build(cfg: Config, d: Dist) -> Run:
     total = steps_per_epoch * cfg.run.epochs
     if cfg.run.max_steps:
         total = min(total, cfg.run.max_steps)
-    optimizer = build_optimizer(
-        param_groups(model, cfg.optim.weight_decay, lr_mult_of=plan.lr_mult_of), cfg.optim
-    )
-    state = TrainState(
-        model=model,
-        runner=runner,
-        optimizer=optimizer,
-        scheduler=build_scheduler(
-            optimizer, cfg.optim, total_steps=total, steps_per_epoch=steps_per_epoch
-        ),
-        scaler=torch.amp.GradScaler(d.device.type, enabled=amp == torch.float16),
-        ema=EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None,
-        masks=masks,
-        frozen_modules=plan.frozen_modules,
-    )
-    criterion = loss_fn(cfg.optim.label_smoothing)
-    distiller = None
-    if cfg.optim.teacher:
-        teacher = load_teacher(cfg.optim.teacher, num_classes=num_classes, device=d.device,
-                               channels_last=cfg.model.channels_last)  # fmt: skip
-        distiller = Distiller(teacher, criterion, alpha=cfg.optim.kd_alpha,
-                              temperature=cfg.optim.kd_temperature)  # fmt: skip
-    settings = StepSettings(
-        device=d.device,
-        amp_dtype=amp,
-        channels_last=cfg.model.channels_last,
-        grad_accum=cfg.run.grad_accum,
-        grad_clip_norm=cfg.optim.grad_clip_norm,
-        criterion=criterion,
-        distiller=distiller,
-    )
+    state = _build_train_state(cfg, d, total_steps=total, steps_per_epoch=steps_per_epoch)
+    settings = _step_settings(cfg, d)
     # Per-rank streams for anything random during training (none of the built-in models
     # use any, but dropout in a user's model should differ across ranks).
     torch.manual_seed(rank_seed(cfg.run.seed, d.rank))
@@ -219,30 +137,106 @@ def build(cfg: Config, d: Dist) -> Run:
         classes=classes,
         log=MetricsLog(cfg.run.out, enabled=d.is_main, tensorboard=cfg.run.tensorboard),
         audit=KeyAudit(cfg.run.out, d.rank, cfg.run.audit_keys),
+        kill_at=KillAt.from_env(),
     )
     if cfg.run.resume:
         resume(run)
     return run
 
 
-def _device_masks(
-    model: nn.Module, masks: dict[str, torch.Tensor], url: str
-) -> dict[str, torch.Tensor]:
-    """Check MASKS against MODEL's parameters; as float tensors beside them."""
-    params = dict(model.named_parameters())
-    out = {}
-    for name, mask in masks.items():
-        if name not in params or params[name].shape != mask.shape:
-            raise checkpoint.CheckpointError(f"{url}: pruning mask {name} does not fit the model")
-        out[name] = mask.to(device=params[name].device, dtype=params[name].dtype)
-    if out:
-        apply_masks(model, out)
-    return out
+def _build_loaders(cfg: Config, d: Dist) -> tuple[Any, Any | None]:
+    """The training loader and, with --val-data, the evaluation loader."""
+    per_rank = cfg.per_rank_batch(d.world_size)
+    common = dict(image_size=cfg.data.image_size, seed=cfg.run.seed, device=d.device,
+                  num_classes=cfg.model.num_classes)  # fmt: skip
+    loader = make_loader(
+        loader_config(cfg.data, url=cfg.data.data, train=True, per_rank_batch=per_rank, **common),
+        d.world,
+    )
+    val_loader = None
+    if cfg.data.val_data:
+        val_loader = make_loader(
+            loader_config(cfg.data, url=cfg.data.val_data, train=False,
+                          per_rank_batch=per_rank * cfg.run.grad_accum, **common),
+            d.world,
+        )  # fmt: skip
+    return loader, val_loader
+
+
+def _build_model(cfg: Config, d: Dist) -> tuple[nn.Module, transfer.TransferPlan, dict]:
+    """The model on its device (initial weights equal on every rank), its transfer plan
+    and the pruning masks it keeps."""
+    seed_all(cfg.run.seed)  # identical initial weights on every rank
+    m = cfg.model
+    source = transfer.read_source(m.init_from, m.model) if m.init_from else None
+    model = transfer.build_for(source, m.model, m.num_classes, cifar_stem=m.cifar_stem)
+    plan = transfer.TransferPlan(lr_mult_of={}, frozen_modules=[])
+    masks: dict[str, torch.Tensor] = {}
+    if source is not None:
+        transfer.load_backbone(model, m.model, source)
+        plan = transfer.prepare(model, m.model, m.transfer, m.backbone_lr_mult, m.head_lr_mult)
+        if m.keep_masks:
+            if not source.masks:
+                raise ValueError(f"--keep-masks: {m.init_from} stores no pruning masks")
+            masks = source.masks
+    model = model.to(d.device)
+    masks = device_masks(model, masks, m.init_from)
+    if m.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, plan, masks
+
+
+def _build_train_state(
+    cfg: Config, d: Dist, *, total_steps: int, steps_per_epoch: int
+) -> TrainState:
+    model, plan, masks = _build_model(cfg, d)
+    runner: nn.Module = model
+    if d.world_size > 1:
+        device_ids = [d.device.index] if d.device.type == "cuda" else None
+        runner = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    if cfg.model.compile:
+        runner = torch.compile(runner)
+    optimizer = build_optimizer(
+        param_groups(model, cfg.optim.weight_decay, lr_mult_of=plan.lr_mult_of), cfg.optim
+    )
+    scheduler = build_scheduler(
+        optimizer, cfg.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+    )
+    amp = amp_dtype(cfg.run.precision, d.device)
+    return TrainState(
+        model=model,
+        runner=runner,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(d.device.type, enabled=amp == torch.float16),
+        ema=EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None,
+        masks=masks,
+        frozen_modules=plan.frozen_modules,
+    )
+
+
+def _step_settings(cfg: Config, d: Dist) -> StepSettings:
+    criterion = loss_fn(cfg.optim.label_smoothing)
+    distiller = None
+    if cfg.optim.teacher:
+        teacher = load_teacher(cfg.optim.teacher, num_classes=cfg.model.num_classes,
+                               device=d.device, channels_last=cfg.model.channels_last)  # fmt: skip
+        distiller = Distiller(teacher, criterion, alpha=cfg.optim.kd_alpha,
+                              temperature=cfg.optim.kd_temperature)  # fmt: skip
+    return StepSettings(
+        device=d.device,
+        amp_dtype=amp_dtype(cfg.run.precision, d.device),
+        channels_last=cfg.model.channels_last,
+        grad_accum=cfg.run.grad_accum,
+        grad_clip_norm=cfg.optim.grad_clip_norm,
+        criterion=criterion,
+        distiller=distiller,
+    )
 
 
 def resume(run: Run) -> None:
-    """Restore STATE, loader position and RNGs from --resume (auto: newest complete one)."""
-    cfg, st = run.cfg, run.state
+    """Restore every part of the run's state from --resume (auto: newest complete one)."""
+    cfg = run.cfg
     found: dict[str, Any] = {}  # rank 0's checkpoint, read while choosing it
 
     def choose() -> str | None:
@@ -263,6 +257,17 @@ def resume(run: Run) -> None:
         )
         return
     saved = distributed.read_everywhere(lambda: found.pop(url, None) or checkpoint.load(url))
+    _check_resumable(run, url, saved)
+    load_parts(run_parts(run), saved, url)
+    st = run.state
+    run.last_saved_step = st.step
+    run.log.event("resume", {"checkpoint": url, "step": st.step, "epoch": st.epoch},
+                  f"resumed from {url} at epoch {st.epoch} step {st.step}")  # fmt: skip
+
+
+def _check_resumable(run: Run, url: str, saved: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another trainer, model or label space."""
+    cfg = run.cfg
     meta = saved.get("meta") or {}
     if saved.get("format") != checkpoint.FORMAT or "optimizer" not in saved:
         raise checkpoint.CheckpointError(f"{url} is not a training checkpoint of this trainer")
@@ -274,35 +279,15 @@ def resume(run: Run) -> None:
         )
     if meta.get("classes") and run.classes:
         check_same_classes(meta["classes"], url, run.classes, cfg.data.data)
-    checkpoint.load_weights(st.model, saved["model"])
-    st.optimizer.load_state_dict(saved["optimizer"])
-    st.scheduler.load_state_dict(saved["scheduler"])
-    if saved.get("scaler"):
-        st.scaler.load_state_dict(saved["scaler"])
-    if st.ema is not None and saved.get("ema"):
-        st.ema.load_state_dict(saved["ema"])
-    if saved.get("masks"):
-        st.masks = _device_masks(st.model, saved["masks"], url)
-    st.step, st.epoch, st.step_in_epoch = saved["step"], saved["epoch"], saved["step_in_epoch"]
-    run.loader.load_state_dict(saved["loader"])
-    rngs = saved.get("rng") or []
-    if len(rngs) == run.dist.world_size:
-        checkpoint.set_rng_state(rngs[run.dist.rank])
-    else:  # another world size: no per-rank stream to continue, start fresh ones from the step
-        torch.manual_seed(rank_seed(cfg.run.seed + st.step, run.dist.rank))
-    run.last_saved_step = st.step
-    run.log.event("resume", {"checkpoint": url, "step": st.step, "epoch": st.epoch},
-                  f"resumed from {url} at epoch {st.epoch} step {st.step}")  # fmt: skip
 
 
 def save(run: Run) -> None:
     """Checkpoint the current state (a collective: RNG states come from every rank)."""
-    st, d = run.state, run.dist
-    rngs = distributed.all_gather_object(checkpoint.rng_state())
+    st, d, cfg = run.state, run.dist, run.cfg
+    parts = save_parts(run_parts(run))  # the loader's position is global: equal on every rank
     run.last_saved_step = st.step
     if not d.is_main:
         return
-    cfg = run.cfg
     payload = {
         "format": checkpoint.FORMAT,
         "meta": {
@@ -316,17 +301,7 @@ def save(run: Run) -> None:
             "widths": getattr(st.model, "widths", None),  # channel-pruned architecture
         },
         "config": cfg.to_dict(),
-        "model": st.model.state_dict(),
-        "optimizer": st.optimizer.state_dict(),
-        "scheduler": st.scheduler.state_dict(),
-        "scaler": st.scaler.state_dict(),
-        "ema": st.ema.state_dict() if st.ema is not None else None,
-        "masks": {k: v.bool().cpu() for k, v in st.masks.items()},
-        "step": st.step,
-        "epoch": st.epoch,
-        "step_in_epoch": st.step_in_epoch,
-        "loader": run.loader.state_dict(),  # the same on every rank: the plan is global
-        "rng": rngs,
+        **parts,
     }
     url = checkpoint.save(cfg.run.out, payload, st.step, keep=cfg.run.keep_checkpoints)
     run.log.event("checkpoint", {"step": st.step, "epoch": st.epoch, "url": url})
@@ -367,7 +342,8 @@ def _after_step(run: Run) -> None:
             and st.step % rc.eval_every_steps == 0
         ):
             run_eval(run)
-    fault_injection(st.step, run.dist.rank, rc.fault_kill_step, rc.fault_kill_rank)
+    if run.kill_at is not None:
+        run.kill_at.after_step(st.step, run.dist.rank)
 
 
 def _log_step(run: Run, record: dict[str, float]) -> None:

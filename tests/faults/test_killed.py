@@ -166,7 +166,7 @@ def train_ds(tmp_path_factory) -> Path:
     return root / "ds"
 
 
-def _train(ds: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _train(ds: Path, out: Path, *extra: str, kill: str = "") -> subprocess.CompletedProcess:
     args = ["--data", ds, "--backend", "torch", "--num-workers", "0", "--out", out,
             "--batch-size", "8", "--epochs", EPOCHS, "--ckpt-every-steps", CKPT_EVERY,
             "--lr", "0.05", "--deterministic", "--resume", "auto", "--audit-keys",
@@ -174,7 +174,12 @@ def _train(ds: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--max-restarts", "1", "-m", "train", *map(str, args)]  # fmt: skip
     return subprocess.run(
-        cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300
+        cmd,
+        cwd=REPO,
+        env=child_env(SHARDFLOW_FAULT_KILL=kill),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -205,7 +210,7 @@ def test_sigkill_one_rank_then_resume_at_exact_position(train_ds, tmp_path, figu
     exact, identical, points = 0, 0, []
     for n, (kill_step, kill_rank) in enumerate(trials):
         out = tmp_path / f"trial{n}"
-        proc = _train(train_ds, out, "--fault-kill-step", kill_step, "--fault-kill-rank", kill_rank)
+        proc = _train(train_ds, out, kill=f"{kill_rank}:{kill_step}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         # The kill really happened (torchrun may report the peer's failure, not the -9).
         assert f"fault injection: SIGKILL rank {kill_rank} after step {kill_step}" in proc.stderr

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipeline.assign import assign, epoch_stream, split_stream
+from pipeline.assign import epoch_stream, split_stream
 from pipeline.order import Generation, expand, plan_rank
 from pipeline.world import World
 
@@ -20,17 +20,31 @@ SHARD_LAYOUTS = {
 }
 
 
+class _Share:
+    """One rank's part of the epoch, as the loader plans it (pipeline.order.plan_rank)."""
+
+    def __init__(self, plan) -> None:
+        self.segments = plan.split.ranks[plan.rank]
+        self.steps = plan.steps
+        self.per_rank = plan.split.per_rank
+        self.padded = plan.split.padded
+        self.dropped = plan.split.num_dropped
+
+    def __eq__(self, other) -> bool:
+        return vars(self) == vars(other)
+
+
 def _all_ranks(sizes, world_size, *, epoch=0, seed=0, policy="pad", batch_size=1):
-    w = World(world_size=world_size)
     return [
-        assign(sizes, w.with_rank(r), epoch, seed, policy, batch_size=batch_size)
+        _Share(plan_rank(sizes, epoch=epoch, seed=seed, policy=policy, shuffle=True, buffer=0,
+                         history=[], world_size=world_size, batch_size=batch_size, rank=r))
         for r in range(world_size)
-    ]
+    ]  # fmt: skip
 
 
-def _samples(assignments):
+def _samples(shares):
     out = []
-    for a in assignments:
+    for a in shares:
         shard, index, pad = expand(a.segments)
         out.append(list(zip(shard.tolist(), index.tolist(), pad.tolist(), strict=True)))
     return out

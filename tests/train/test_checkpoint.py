@@ -11,7 +11,7 @@ import torch
 
 from train import checkpoint
 from train.checkpoint import CheckpointError
-from train.models import build_model, replace_head
+from train.models import build_model
 
 
 def _state(step: int) -> dict:
@@ -104,7 +104,8 @@ def test_strict_and_partial_weight_loading():
     assert torch.equal(dst.conv1.weight, src.conv1.weight)
     # Prefixes from DDP / torch.compile are ignored.
     prefixed = {"module._orig_mod." + k: v for k, v in src.state_dict().items()}
-    checkpoint.load_weights(replace_head(dst, "seed_cnn", 10), prefixed)
+    dst = build_model("seed_cnn", 10)
+    checkpoint.load_weights(dst, prefixed)
     assert torch.equal(dst.fc3.weight, src.fc3.weight)
     with pytest.raises(CheckpointError, match="no model state_dict"):
         checkpoint.model_weights({"model": {"a": 1}})

@@ -105,12 +105,12 @@ def test_killed_run_resumes_exactly(tiny_train, tmp_path, backend):
     ref = tmp_path / "ref"
     check(run_train(_args(tiny_train, ref, *common)))
     cut = tmp_path / "cut"
-    killed = run_train(_args(tiny_train, cut, *common, "--fault-kill-step", "7"))
+    killed = run_train(_args(tiny_train, cut, *common), env=env(SHARDFLOW_FAULT_KILL="0:7"))
     assert killed.returncode == -9
     assert max(audit_steps(cut, 0)) == 7
     # torchrun sets this on a restart; here the test plays torchrun.
-    check(run_train(_args(tiny_train, cut, *common, "--fault-kill-step", "7", "--resume", "auto"),
-                    env=env(TORCHELASTIC_RESTART_COUNT="1")))  # fmt: skip
+    check(run_train(_args(tiny_train, cut, *common, "--resume", "auto"),
+                    env=env(TORCHELASTIC_RESTART_COUNT="1", SHARDFLOW_FAULT_KILL="0:7")))  # fmt: skip
     assert audit_steps(cut, 0) == audit_steps(ref, 0)
     if backend == "dali-cpu":
         # The DALI backend seeds its augmentation from the step an iteration starts at,
@@ -118,6 +118,39 @@ def test_killed_run_resumes_exactly(tiny_train, tmp_path, backend):
         # weights are not bit-identical to the unbroken run's (the torch backend's are).
         return
     a, b = final_weights(ref), final_weights(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _format_1(state: dict) -> dict:
+    """The checkpoint as the format-1 trainer wrote it: the same parts, but step, epoch and
+    step_in_epoch at the top instead of a progress part."""
+    old = {k: v for k, v in state.items() if k != "progress"}
+    old.update(state["progress"])
+    old["format"] = 1
+    return old
+
+
+def test_a_format_1_checkpoint_resumes_exactly(tiny_train, tmp_path):
+    """A run resumed from a checkpoint in the earlier format ends bit-identical to the
+    unbroken run, like one resumed from today's."""
+    from train import checkpoint
+
+    common = ["--epochs", "2", "--ckpt-every-steps", "3", "--keep-checkpoints", "9",
+              "--audit-keys", "--deterministic"]  # fmt: skip
+    ref = tmp_path / "ref"
+    check(run_train(_args(tiny_train, ref, *common)))
+    saved = torch.load(ref / "checkpoints" / "step-000000006.pt", weights_only=True)
+    assert saved["format"] == checkpoint.FORMAT == 2 and saved["progress"]["step"] == 6
+    old_run = tmp_path / "old"
+    (old_run / "checkpoints").mkdir(parents=True)
+    torch.save(_format_1(saved), old_run / "checkpoints" / "step-000000006.pt")
+    assert checkpoint.upgrade(_format_1(saved)).keys() == saved.keys()
+    proc = check(run_train(_args(tiny_train, old_run, *common, "--resume", "auto")))
+    assert "resumed from" in proc.stdout and "step 6" in proc.stdout
+    assert {s: k for s, k in audit_steps(old_run, 0).items() if s > 6} == {
+        s: k for s, k in audit_steps(ref, 0).items() if s > 6
+    }
+    a, b = final_weights(ref), final_weights(old_run)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

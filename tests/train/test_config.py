@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from train.config import Config, OptimConfig, load_config_file, parse_args
+from train.config import Config, OptimConfig, build_parser, load_config_file, parse_args
 
 BASE = ["--data", "/d", "--out", "/r"]
 
@@ -137,3 +137,15 @@ def test_load_config_file_types(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text("[data]\nhflip = 0\n")
     assert load_config_file(str(p)) == {"data": {"hflip": 0.0}}
+
+
+def test_fault_injection_is_an_environment_variable_not_a_flag():
+    from train.faults import KillAt
+
+    assert KillAt.from_env({}) is None and KillAt.from_env({"SHARDFLOW_FAULT_KILL": ""}) is None
+    assert KillAt.from_env({"SHARDFLOW_FAULT_KILL": "1:18"}) == KillAt(rank=1, step=18)
+    for bad in ("18", "a:3", "1:0", "1:-2"):
+        with pytest.raises(ValueError, match="RANK:STEP"):
+            KillAt.from_env({"SHARDFLOW_FAULT_KILL": bad})
+    help_text = build_parser().format_help()
+    assert "--fault" not in help_text and "fault injection" not in help_text

@@ -39,8 +39,8 @@ def test_sigkill_one_rank_then_resume_is_exact(tiny_train, tmp_path):
     torchrun = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     check(run_train(_args(tiny_train, ref, *common), torchrun=torchrun))
-    proc = check(run_train(_args(tiny_train, cut, *common, "--fault-kill-step", "18", "--fault-kill-rank", "1"),
-                           torchrun=torchrun))  # fmt: skip
+    proc = check(run_train(_args(tiny_train, cut, *common), torchrun=torchrun,
+                           env=env(SHARDFLOW_FAULT_KILL="1:18")))  # fmt: skip
     # The kill really happened (torchrun may report the peer's failure, not the -9).
     assert "fault injection: SIGKILL rank 1 after step 18" in proc.stderr
     resumed = events(cut, "resume")

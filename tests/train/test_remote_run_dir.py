@@ -16,7 +16,7 @@ def test_s3_run_dir_checkpoints_and_resumes(tiny_train, s3_env, s3_prefix):
     args = ["--data", tiny_train, "--backend", "torch", "--num-workers", "0", "--out", out,
             "--batch-size", "20", "--epochs", "2", "--ckpt-every-steps", "3", "--keep-checkpoints", "2",
             "--log-every-steps", "1"]  # fmt: skip
-    killed = run_train([*args, "--fault-kill-step", "7"], env=env(**s3_env))
+    killed = run_train(args, env=env(SHARDFLOW_FAULT_KILL="0:7", **s3_env))
     assert killed.returncode == -9
     fs = fsspec.filesystem("s3")
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{out}/checkpoints", detail=False))

@@ -66,7 +66,7 @@ def test_masks_survive_fine_tuning_and_resume(tmp_path, trained, tiny_train):
             "--ckpt-every-steps", "2"]  # fmt: skip
     assert _train(tmp_path, tiny_train, "ft", *args) == 0
     saved = torch.load(_ckpts(run)[-1], weights_only=True)
-    assert saved["step"] == 7
+    assert saved["progress"]["step"] == 7  # checkpoint format 2: the progress part
     zeros_kept(saved["model"])
     assert set(saved["masks"]) == set(masks)
     for k in masks:
@@ -77,7 +77,7 @@ def test_masks_survive_fine_tuning_and_resume(tmp_path, trained, tiny_train):
     assert _train(tmp_path, tiny_train, "ft", *args, "--resume", "auto", "--epochs", "3",
                   "--max-steps", "10") == 0  # fmt: skip
     resumed = torch.load(_ckpts(run)[-1], weights_only=True)
-    assert resumed["step"] == 10
+    assert resumed["progress"]["step"] == 10
     zeros_kept(resumed["model"])
     # Without --keep-masks the pruned weights grow back.
     assert _train(tmp_path, tiny_train, "free", "--init-from", pruned, "--max-steps", "3") == 0

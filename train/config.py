@@ -23,6 +23,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 
 BACKENDS = ("dali-gpu", "dali-cpu", "torch", "synthetic")
+DTYPES = ("float32", "float16", "bfloat16")
 TRANSFER_MODES = ("features", "finetune")
 
 
@@ -48,9 +49,39 @@ class DataConfig:
     val_data: str = _opt("", "validation dataset URL (default: none, no evaluation)")
     backend: str = _opt("dali-cpu", "loader backend (default: %(default)s)", choices=BACKENDS)
     image_size: int = _opt(0, "input side in pixels (default: 0 = the model's native size)")
+    # -- parallelism and reading (per rank)
     num_workers: int = _opt(
-        2, "per rank: torch decode processes / DALI threads (default: %(default)s)"
+        2, "torch backend: decode processes per rank, 0 = decode in the training process "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    dali_threads: int = _opt(
+        0, "DALI backends: CPU threads per rank (default: 0 = --num-workers, at least 1)"
     )
+    prefetch: int = _opt(
+        2, "batches decoded ahead of the one being trained on (default: %(default)s)"
+    )
+    read_ahead: int = _opt(
+        2, "shard reads in flight in background threads, per rank (default: %(default)s)"
+    )
+    max_read_mb: int = _opt(64, "largest single ranged read of a shard, MiB (default: %(default)s)")
+    retries: int = _opt(3, "extra attempts of a failed shard read (default: %(default)s)")
+    retry_backoff_s: float = _opt(
+        0.5, "seconds before the first retry, doubling each time (default: %(default)s)"
+    )
+    hw_decoder_load: float | None = _opt(
+        None,
+        "dali-gpu: share of JPEG decoding on the hardware decoder, 0..1 (default: DALI's 0.65)",
+    )
+    dtype: str = _opt(
+        "float32", "batch image dtype; float16 halves what the loader writes, autocast "
+        "takes it as it is (default: %(default)s)", choices=DTYPES,
+    )  # fmt: skip
+    # -- order
+    shuffle: bool = _opt(True, "shuffle shard order and samples in training (default: %(default)s)")
+    shuffle_buffer: int = _opt(
+        4096, "samples per rank in the shuffle buffer (default: %(default)s)"
+    )
+    # -- augmentation (training only; the same meaning on every backend)
     recipe: str = _opt(
         "auto",
         "augmentation: small = pad+crop+flip, imagenet = random resized crop+flip; "
@@ -58,14 +89,50 @@ class DataConfig:
         choices=("auto", "small", "imagenet"),
     )
     hflip: float = _opt(0.5, "horizontal flip probability in training (default: %(default)s)")
-    shuffle_buffer: int = _opt(
-        4096, "samples per rank in the shuffle buffer (default: %(default)s)"
+    vflip: float = _opt(0.0, "vertical flip probability in training (default: %(default)s)")
+    rotate_deg: float = _opt(
+        0.0, "random rotation, uniform in +-DEG degrees, 0..180 (default: 0 = off)"
     )
+    translate: float = _opt(
+        0.0, "random translation, uniform in +-FRACTION of the image side, 0..1 (default: 0 = off)"
+    )
+    scale: tuple[float, float] = _opt(
+        (0.08, 1.0), "imagenet recipe: crop area as a fraction of the image, LOW,HIGH "
+        "(default: 0.08,1.0)",
+    )  # fmt: skip
+    ratio: tuple[float, float] = _opt(
+        (3 / 4, 4 / 3), "imagenet recipe: crop aspect ratio (width/height), LOW,HIGH "
+        "(default: 0.75,1.333)",
+    )  # fmt: skip
+    pad_px: int = _opt(
+        4, "small recipe: zero padding before the random crop, pixels (default: %(default)s)"
+    )
+    brightness: float = _opt(
+        0.0, "colour jitter: brightness factor in 1+-X, 0..1 (default: 0 = off)"
+    )
+    contrast: float = _opt(0.0, "colour jitter: contrast factor in 1+-X, 0..1 (default: 0 = off)")
+    saturation: float = _opt(
+        0.0, "colour jitter: saturation factor in 1+-X, 0..1 (default: 0 = off)"
+    )
+    mean: tuple[float, float, float] = _opt(
+        (0.485, 0.456, 0.406), "per-channel mean subtracted, in [0, 1] pixel units, R,G,B "
+        "(default: ImageNet's 0.485,0.456,0.406)",
+    )  # fmt: skip
+    std: tuple[float, float, float] = _opt(
+        (0.229, 0.224, 0.225), "per-channel std divided by, R,G,B (default: ImageNet's "
+        "0.229,0.224,0.225)",
+    )  # fmt: skip
+    eval_resize: int | None = _opt(
+        None, "evaluation: resize the shorter side to this, then centre-crop --image-size "
+        "(default: image size / 0.875)",
+    )  # fmt: skip
+    # -- caching and synthetic data
     cache: str = _opt(
         "none",
         "device = decode the dataset once into device memory (small images)",
         choices=("none", "device"),
     )
+    cache_max_gb: float = _opt(16.0, "largest device cache, GiB per rank (default: %(default)s)")
     synthetic_samples: int = _opt(
         4096, "samples per epoch of the synthetic backend (default: %(default)s)"
     )
@@ -76,11 +143,48 @@ class DataConfig:
             raise ValueError("--data is required (a dataset folder or URL written by `shard pack`)")
         _check_range("--image-size", self.image_size, 0)
         _check_range("--num-workers", self.num_workers, 0)
+        _check_range("--dali-threads", self.dali_threads, 0)
         _check_choice("--recipe", self.recipe, ("auto", "small", "imagenet"))
-        _check_range("--hflip", self.hflip, 0.0, 1.0)
         _check_range("--shuffle-buffer", self.shuffle_buffer, 0)
         _check_choice("--cache", self.cache, ("none", "device"))
         _check_range("--synthetic-samples", self.synthetic_samples, 1)
+        for name in ("scale", "ratio", "mean", "std"):  # a config file gives lists
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        # Everything else is checked by the loader's own config, in its words: the same
+        # rules everywhere, named here by the flag that sets them.
+        try:
+            self.loader_fields_check()
+        except ValueError as exc:
+            raise ValueError(_as_flag(str(exc))) from None
+
+    def loader_fields(self) -> dict[str, Any]:
+        """The fields that map one to one onto pipeline.LoaderConfig."""
+        names = ("prefetch", "read_ahead", "max_read_mb", "retries", "retry_backoff_s",
+                 "hw_decoder_load", "dtype", "shuffle", "shuffle_buffer", "hflip", "vflip",
+                 "rotate_deg", "translate", "scale", "ratio", "pad_px", "brightness", "contrast",
+                 "saturation", "mean", "std", "eval_resize", "cache", "cache_max_gb",
+                 "synthetic_samples", "num_workers")  # fmt: skip
+        return {n: getattr(self, n) for n in names}
+
+    def loader_fields_check(self) -> None:
+        from pipeline import LoaderConfig
+
+        recipe = "imagenet" if self.recipe == "auto" else self.recipe
+        cache_recipe = "small" if self.cache == "device" else recipe
+        LoaderConfig(data=self.data or None, backend=self.backend, batch_size=1,
+                     image_size=max(1, self.image_size or 1), recipe=cache_recipe,
+                     num_threads=max(1, self.dali_threads or self.num_workers),
+                     **{**self.loader_fields(), "eval_resize": None})  # fmt: skip
+        if self.eval_resize is not None and self.eval_resize < 1:
+            raise ValueError(f"eval_resize must be >= 1, got {self.eval_resize}")
+
+
+def _as_flag(message: str) -> str:
+    """A loader message that starts with a field name, with the flag's name instead."""
+    head, sep, rest = message.partition(" ")
+    if sep and head.isidentifier() and head == head.lower():
+        return f"--{head.replace('_', '-')} {rest}"
+    return message
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -309,18 +413,61 @@ def _field_index() -> dict[str, tuple[str, Any]]:
     return index
 
 
+# Field types the flags and config files take (the annotations, as strings).
+_TUPLES = {"tuple[float, float]": 2, "tuple[float, float, float]": 3}
+_OPTIONAL = {"int | None": "int", "float | None": "float"}
+
+
+def _kind(f: Any) -> str:
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+
+def _number(kind: str, value: Any) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _coerce(where: str, f: Any, value: Any) -> Any:
     """Check a value from a config file against the field's type (ints are fine for floats)."""
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    kind = _kind(f)
+    if kind in _TUPLES:
+        n = _TUPLES[kind]
+        if not (
+            isinstance(value, list | tuple)
+            and len(value) == n
+            and all(_number("float", v) for v in value)
+        ):
+            raise ValueError(f"{where} must be a list of {n} numbers; got {value!r}")
+        return tuple(float(v) for v in value)
+    if kind in _OPTIONAL and value is None:  # config.json writes null; TOML leaves it out
+        return None
+    kind = _OPTIONAL.get(kind, kind)
     ok = {
         "bool": isinstance(value, bool),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "int": _number("int", value),
+        "float": _number("float", value),
         "str": isinstance(value, str),
     }[kind]
     if not ok:
         raise ValueError(f"{where} must be a {kind}; got {value!r}")
     return float(value) if kind == "float" else value
+
+
+def _numbers(n: int):
+    """argparse type: N comma-separated numbers (``0.08,1.0``)."""
+
+    def parse(text: str) -> tuple[float, ...]:
+        parts = [p for p in text.replace(" ", "").split(",") if p]
+        try:
+            values = tuple(float(p) for p in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {n} comma-separated numbers: {text!r}") from None
+        if len(values) != n:
+            raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {text!r}")
+        return values
+
+    return parse
 
 
 def load_config_file(path: str) -> dict[str, dict[str, Any]]:
@@ -375,17 +522,20 @@ def build_parser(prog: str = "train") -> argparse.ArgumentParser:
         group = parser.add_argument_group(section)
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            kind = _kind(f)
             help_text = f.metadata["help"].replace("%(default)s", str(f.default))
             if kind == "bool":
                 group.add_argument(
                     flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text
                 )
+            elif kind in _TUPLES:
+                group.add_argument(flag, dest=f.name, type=_numbers(_TUPLES[kind]),
+                                   metavar=",".join(["X"] * _TUPLES[kind]), help=help_text)  # fmt: skip
             else:
                 group.add_argument(
                     flag,
                     dest=f.name,
-                    type={"int": int, "float": float, "str": str}[kind],
+                    type={"int": int, "float": float, "str": str}[_OPTIONAL.get(kind, kind)],
                     choices=f.metadata["choices"],
                     help=help_text,
                 )

@@ -59,15 +59,11 @@ def loader_config(
         seed=seed,
         # pad: no sample is lost; evaluation removes the repeats by key.
         remainder="pad",
-        shuffle_buffer=dcfg.shuffle_buffer,
         recipe=recipe,
-        hflip=dcfg.hflip,
         device=str(device),
-        num_workers=dcfg.num_workers,
-        num_threads=max(1, dcfg.num_workers),
-        cache=dcfg.cache,
+        num_threads=dcfg.dali_threads or max(1, dcfg.num_workers),
         num_classes=num_classes,
-        synthetic_samples=dcfg.synthetic_samples,
+        **dcfg.loader_fields(),
     )
 
 

@@ -27,9 +27,10 @@ SUITES = {
     "pipeline": "benchmarks.pipeline_read",
     "train": "benchmarks.train_step",
     "e2e": "benchmarks.e2e",
+    "scale": "benchmarks.scale",
     "gpu": "benchmarks.gpu_suite",
 }
-IN_ALL = ("shard-write", "pipeline", "train", "e2e")
+IN_ALL = ("shard-write", "pipeline", "train", "e2e", "scale")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 

@@ -37,9 +37,14 @@ class Measurement:
     seconds: list[float] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     baseline: str | None = None  # name of the Measurement this one is compared against
+    # A figure that is not a rate (seconds to a first batch, bytes of memory): its values
+    # as measured, reported as they are instead of ITEMS / SECONDS.
+    values: list[float] = field(default_factory=list)
 
     @property
     def rates(self) -> list[float]:
+        if self.values:
+            return list(self.values)
         return [self.items / s for s in self.seconds if s > 0]
 
     @property

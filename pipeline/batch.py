@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,9 @@ class Batch:
     labels: torch.Tensor
     keys: list[str]
     skipped: tuple[str, ...] = ()
+    # LoaderConfig.extra_members: extension -> one str per row (UTF-8 text; None where
+    # the sample has no such member), in the order of KEYS.
+    extra: dict[str, list[str | None]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)

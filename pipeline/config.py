@@ -12,6 +12,7 @@ REMAINDER_POLICIES = ("pad", "drop")
 RECIPES = ("imagenet", "small")
 DTYPES = ("float32", "float16", "bfloat16")
 CACHES = ("none", "device")
+IMAGE_OR_LABEL = ("jpg", "jpeg", "png", "webp", "cls")
 
 
 def _pair(name: str, value: Any, lo: float, hi: float | None = None) -> None:
@@ -90,6 +91,9 @@ class LoaderConfig:
     cache: str = "none"
     cache_max_gb: float = 16.0
 
+    # members handed over as text with each sample (batch.extra["txt"]: captions, .json)
+    extra_members: tuple[str, ...] = ()
+
     # synthetic backend
     num_classes: int = 1000  # labels drawn from 0..num_classes-1 (synthetic only)
     synthetic_samples: int = 1_281_167  # epoch size when `data` is not given
@@ -160,6 +164,23 @@ class LoaderConfig:
             )
         if self.cache_max_gb <= 0:
             raise ValueError(f"cache_max_gb must be > 0, got {self.cache_max_gb}")
+        if isinstance(self.extra_members, str | list):
+            names = (
+                self.extra_members.split(",")
+                if isinstance(self.extra_members, str)
+                else self.extra_members
+            )
+            object.__setattr__(self, "extra_members", tuple(names))
+        object.__setattr__(
+            self, "extra_members", tuple(e.strip().lower().lstrip(".") for e in self.extra_members)
+        )
+        if any(not e or e in IMAGE_OR_LABEL for e in self.extra_members):
+            raise ValueError(
+                f"extra_members names extensions of other members (txt, json, ...), got "
+                f"{self.extra_members!r}; the image and .cls come as images and labels"
+            )
+        if self.extra_members and self.backend == "synthetic":
+            raise ValueError("extra_members reads members of real samples; synthetic has none")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.synthetic_samples < 1:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.batch import Batch
-from pipeline.reader import encoded_batches, full_decode_check
+from pipeline.reader import encoded_batches, extra_text, full_decode_check
 
 log = logging.getLogger("pipeline")
 
@@ -143,7 +143,8 @@ class DaliBackend:
                 images = self._to_torch(out, pipe.exec_dynamic)
                 enc = in_flight.popleft()
                 labels = torch.from_numpy(enc.labels).to(self.device, non_blocking=True)
-                yield Batch(images, labels, enc.keys, enc.skipped)
+                yield Batch(images, labels, enc.keys, enc.skipped,
+                            extra_text(enc.extra, self.cfg.extra_members))  # fmt: skip
                 step += 1
         finally:
             pipe = None

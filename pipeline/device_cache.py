@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.batch import Batch
-from pipeline.reader import CorruptDataError, to_sample
+from pipeline.reader import CorruptDataError, extra_text, to_sample
 from pipeline.torch_backend import Normalizer
 
 log = logging.getLogger("pipeline")
@@ -66,12 +66,13 @@ class DeviceCacheBackend:
         keys: list[str] = [""] * n
         problems: dict[int, str] = {}
         names = self.dataset.shard_names
+        extra: list[dict[str, bytes] | None] = [None] * n
         for shard, count in enumerate(self.dataset.manifest.shard_sizes):
             raws = self.dataset.read_samples(shard, np.arange(count))
             for i, raw in enumerate(raws):
                 row = int(self.offsets[shard]) + i
-                s = to_sample(raw)
-                keys[row], labels[row] = s.key, s.label
+                s = to_sample(raw, self.dataset.labelled)
+                keys[row], labels[row], extra[row] = s.key, s.label, s.extra
                 if s.problem is not None:
                     problems[row] = s.problem
                     _warn(s.key, names[shard], i, s.problem)
@@ -93,6 +94,7 @@ class DeviceCacheBackend:
         self.labels = torch.from_numpy(labels).to(self.device)
         self.valid = valid
         self.keys = keys
+        self.extra = extra
         self.problems = problems
 
     def batches(self, job) -> Iterator[Batch]:
@@ -116,7 +118,8 @@ class DeviceCacheBackend:
                 x = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
             keys = [self.keys[r] for r in rows.tolist()]
             images = self.normalize(x.permute(0, 3, 1, 2))  # NHWC memory: no layout copy
-            yield Batch(images, self.labels.index_select(0, idx), keys, skipped)
+            text = extra_text([self.extra[r] for r in rows.tolist()], self.cfg.extra_members)
+            yield Batch(images, self.labels.index_select(0, idx), keys, skipped, text)
 
     def close(self) -> None:
         self.images = None

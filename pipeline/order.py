@@ -54,7 +54,9 @@ class RankOrder:
 
     def pending(self, consumed: int) -> np.ndarray:
         """Input positions not yet emitted after CONSUMED outputs, in input order."""
-        return np.sort(self.order[consumed:])
+        left = np.ones(len(self.order), dtype=bool)
+        left[self.order[:consumed]] = False
+        return np.flatnonzero(left)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +106,42 @@ def coalesce(shard: np.ndarray, index: np.ndarray) -> list[Segment]:
 
 
 def shuffle_buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
-    """Output permutation of a streaming shuffle buffer with BUFFER slots over N inputs."""
+    """Output permutation of a streaming shuffle buffer with BUFFER slots over N inputs.
+
+    The buffer takes inputs 0..size-1, then each input i >= size replaces the
+    slot j_i drawn for it, whose occupant is emitted; the rest is drained in a
+    random order. Computed without the loop: the occupant emitted at input i is
+    the last input written to slot j_i before it (found by a stable sort of the
+    slots, a radix sort for them), or the slot's first input if none was.
+    """
+    if buffer <= 1 or n <= 1:
+        return np.arange(n, dtype=np.int64)
+    size = min(buffer, n)
+    m = n - size
+    slots = rng.integers(0, size, m, dtype=np.int32)  # the same draws as int64, half the memory
+    out = np.empty(n, dtype=np.int64)
+    final = np.arange(size, dtype=np.int64)  # each slot's occupant once every input is in
+    if m:
+        small = slots.astype(np.uint16) if size <= np.iinfo(np.uint16).max else slots
+        order = np.argsort(small, kind="stable")  # by slot, then by time
+        by_slot = slots[order]
+        repeat = np.empty(m, dtype=bool)
+        repeat[0] = False
+        np.equal(by_slot[1:], by_slot[:-1], out=repeat[1:])
+        emitted = slots.astype(np.int64)  # a slot's first write emits its first input...
+        later = order[repeat]
+        emitted[later] = (
+            size + order[np.flatnonzero(repeat) - 1]
+        )  # ...later ones the previous writer
+        out[:m] = emitted
+        last = np.flatnonzero(np.append(by_slot[1:] != by_slot[:-1], True))
+        final[by_slot[last]] = size + order[last]
+    out[m:] = final[rng.permutation(size)]
+    return out
+
+
+def _reference_shuffle_buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """The buffer simulated one input at a time (what shuffle_buffer_order computes)."""
     if buffer <= 1 or n <= 1:
         return np.arange(n, dtype=np.int64)
     size = min(buffer, n)
@@ -125,12 +162,63 @@ def rank_order(
 ) -> RankOrder:
     """The rank's inputs and their shuffled output order."""
     shard, index, pad = expand(segments)
-    rng = np.random.Generator(
-        np.random.PCG64(np.random.SeedSequence([seed, epoch, generation, rank, BUFFER_SALT]))
-    )
+    rng = _buffer_rng(seed=seed, epoch=epoch, generation=generation, rank=rank)
     return RankOrder(
         shard=shard, index=index, pad=pad, order=shuffle_buffer_order(len(shard), buffer, rng)
     )
+
+
+def _buffer_rng(*, seed: int, epoch: int, generation: int, rank: int) -> np.random.Generator:
+    return np.random.Generator(
+        np.random.PCG64(np.random.SeedSequence([seed, epoch, generation, rank, BUFFER_SALT]))
+    )
+
+
+def pending_positions(n: int, consumed: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """Input positions (sorted) not yet emitted after CONSUMED outputs of the shuffle buffer
+    of :func:`shuffle_buffer_order` over N inputs, whose RNG RNG is.
+
+    Needs neither the whole order nor a loop: after k < N - size outputs, what is
+    left is the buffer (each slot holds the last input written to it among the
+    first k writes, or its first input) and the inputs not read yet. The last
+    writes of each slot are found near the end of the k draws (4,096 slots are
+    all written again within some 40,000 draws), so only a window is searched.
+    """
+    if buffer <= 1 or n <= 1:
+        return np.arange(min(consumed, n), n, dtype=np.int64)
+    size = min(buffer, n)
+    m = n - size
+    if consumed > m:  # draining the buffer: rare (the end of an epoch), the whole order it is
+        order = shuffle_buffer_order(n, buffer, rng)
+        left = np.ones(n, dtype=bool)
+        left[order[:consumed]] = False
+        return np.flatnonzero(left)
+    slots = rng.integers(0, size, consumed, dtype=np.int32)  # the draws shuffle_buffer_order makes
+    held = np.arange(size, dtype=np.int64)
+    unseen = np.ones(size, dtype=bool)
+    hi, width = consumed, 16 * size
+    while hi > 0 and unseen.any():
+        lo = max(0, hi - width)
+        values, first = np.unique(slots[lo:hi][::-1], return_index=True)
+        new = unseen[values]
+        held[values[new]] = size + (hi - 1 - first[new])
+        unseen[values[new]] = False
+        hi, width = lo, width * 2
+    return np.concatenate([np.sort(held), np.arange(size + consumed, n, dtype=np.int64)])
+
+
+def _select(segments: Sequence[Segment], positions: np.ndarray) -> list[Segment]:
+    """The real (not pad) samples at input POSITIONS (sorted) of SEGMENTS, as segments."""
+    if not len(positions) or not segments:
+        return []
+    lengths = np.array([len(s) for s in segments], dtype=np.int64)
+    ends = np.cumsum(lengths)
+    seg = np.searchsorted(ends, positions, side="right")
+    start = np.array([s.start for s in segments], dtype=np.int64)[seg]
+    index = start + positions - (ends - lengths)[seg]
+    shard = np.array([s.shard for s in segments], dtype=np.int64)[seg]
+    real = ~np.array([s.pad for s in segments], dtype=bool)[seg]
+    return coalesce(shard[real], index[real])
 
 
 def _remaining_stream(
@@ -139,10 +227,11 @@ def _remaining_stream(
     """Unconsumed real samples of every rank after CONSUMED outputs each, rank by rank."""
     out: list[Segment] = []
     for r, segs in enumerate(split.ranks):
-        ro = rank_order(segs, seed=seed, epoch=epoch, generation=generation, rank=r, buffer=buffer)
-        left = ro.pending(consumed)
-        left = left[~ro.pad[left]]  # pad repeats are re-created by the next split if needed
-        out.extend(coalesce(ro.shard[left], ro.index[left]))
+        n = sum(len(s) for s in segs)
+        rng = _buffer_rng(seed=seed, epoch=epoch, generation=generation, rank=r)
+        left = pending_positions(n, consumed, buffer, rng)
+        # Pad repeats are left out: the next split re-creates them if it needs them.
+        out.extend(_select(segs, left))
     return out
 
 

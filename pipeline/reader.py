@@ -37,6 +37,7 @@ class Sample:
     image: bytes
     label: int
     problem: str | None
+    extra: dict[str, bytes] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,13 +49,19 @@ class EncodedBatch:
     images: list[bytes]
     labels: np.ndarray  # int64 [B]
     skipped: tuple[str, ...]
+    extra: list[dict[str, bytes] | None] | None = None  # per sample (extra_members)
 
 
-def to_sample(raw: RawSample) -> Sample:
-    """Parse the ASCII label and check the image bytes; record what is wrong, if anything."""
+def to_sample(raw: RawSample, labelled: bool = True) -> Sample:
+    """Parse the label and check the image bytes; record what is wrong, if anything.
+    An unlabelled dataset's samples get label -1 and need no .cls."""
     problem = None
     label = -1
-    if raw.label is None:
+    if isinstance(raw.label, int):  # given by an adopted dataset's .labels
+        label = raw.label
+    elif not labelled:
+        pass
+    elif raw.label is None:
         problem = "sample has no .cls label"
     else:
         try:
@@ -62,8 +69,8 @@ def to_sample(raw: RawSample) -> Sample:
         except ValueError:
             problem = "label (.cls) is not an integer"
     if raw.image is None:
-        return Sample(raw.key, b"", label, "sample has no jpg/png/webp image")
-    return Sample(raw.key, raw.image, label, problem or check_image(raw.image))
+        return Sample(raw.key, b"", label, "sample has no jpg/png/webp image", raw.extra)
+    return Sample(raw.key, raw.image, label, problem or check_image(raw.image), raw.extra)
 
 
 def _units(shard: np.ndarray, positions: np.ndarray, max_samples: np.ndarray):
@@ -95,8 +102,9 @@ class InputReader:
         order = np.argsort(idx, kind="stable")  # reads want ascending offsets
         raws = self.dataset.read_samples(shard, idx[order])
         out: list[tuple[int, Sample] | None] = [None] * len(pos)
+        labelled = self.dataset.labelled
         for o, raw in zip(order.tolist(), raws, strict=True):
-            out[o] = (int(pos[o]), to_sample(raw))
+            out[o] = (int(pos[o]), to_sample(raw, labelled))
         return out  # type: ignore[return-value]
 
     def __iter__(self) -> Iterator[tuple[int, Sample]]:
@@ -168,8 +176,21 @@ def _make_batch(step, samples, last_valid, ro, names) -> tuple[EncodedBatch, Sam
         images=[s.image for s in out],
         labels=np.array([s.label for s in out], dtype=np.int64),
         skipped=tuple(skipped),
+        extra=[s.extra for s in out],
     )
     return batch, (valid[-1] if valid else last_valid)
+
+
+def extra_text(per_sample: list[dict[str, bytes] | None] | None, exts: tuple[str, ...]
+               ) -> dict[str, list[str | None]]:  # fmt: skip
+    """Batch.extra from the members read per sample: UTF-8 text, None where absent."""
+    if not exts:
+        return {}
+    rows = per_sample or []
+    return {
+        ext: [d[ext].decode("utf-8", "replace") if d and ext in d else None for d in rows]
+        for ext in exts
+    }
 
 
 def full_decode_check(enc: EncodedBatch) -> EncodedBatch:
@@ -199,7 +220,11 @@ def full_decode_check(enc: EncodedBatch) -> EncodedBatch:
     if good is None:
         raise CorruptDataError(f"no image of batch {enc.step} can be decoded: {enc.keys}")
     keys, images, labels = list(enc.keys), list(enc.images), enc.labels.copy()
+    extra = list(enc.extra) if enc.extra is not None else None
     for i in bad:
         keys[i], images[i], labels[i] = keys[good], images[good], labels[good]
+        if extra is not None:
+            extra[i] = extra[good]
     skipped = enc.skipped + tuple(enc.keys[i] for i in bad)
-    return EncodedBatch(step=enc.step, keys=keys, images=images, labels=labels, skipped=skipped)
+    return EncodedBatch(step=enc.step, keys=keys, images=images, labels=labels, skipped=skipped,
+                        extra=extra)  # fmt: skip

@@ -11,10 +11,13 @@ names the shard and the cause, never the credentials (those come from
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import gzip
 import logging
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +29,10 @@ from shard_tools.format import (
     RawSample,
     ShardIndex,
     TarFormatError,
+    is_compressed_tar,
+    options_for,
     parse_index,
+    parse_labels,
     read_manifest,
     redact,
     slice_samples,
@@ -75,16 +81,27 @@ def _retryable() -> tuple[type[BaseException], ...]:
 
 @dataclass(kw_only=True)
 class Dataset:
-    """A packed dataset: its manifest, and retried reads of its shards."""
+    """A dataset: its manifest, and retried reads of its shards.
+
+    A packed dataset's shards sit beside its manifest; an adopted one's below the
+    manifest's ``base_url`` (another folder or bucket), with a ``.labels`` file per
+    shard beside the manifest that lists the samples kept and their labels.
+    """
 
     root: str
     manifest: Manifest
-    fs: Any
+    fs: Any  # the manifest's folder: .idx and .labels files
     base: str
+    shard_fs: Any = None  # the shards' storage (the same as FS unless adopted)
+    shard_base: str = ""
     retries: int = 3
     retry_backoff_s: float = 0.5
     max_read_bytes: int = 64 << 20
+    extra: tuple[str, ...] = ()  # member extensions handed over with each sample
     _indexes: dict[int, ShardIndex | None] = field(default_factory=dict, repr=False)
+    _labels: dict[int, tuple[np.ndarray, tuple[str, ...]] | None] = field(
+        default_factory=dict, repr=False
+    )
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _retried: int = field(default=0, repr=False)
 
@@ -93,15 +110,20 @@ class Dataset:
         """Open CFG.data: read and validate its manifest."""
         options = dict(cfg.storage_options or {})
         manifest = read_manifest(cfg.data, options)
-        fs, base = fsspec.core.url_to_fs(cfg.data, **options)
+        fs, base = fsspec.core.url_to_fs(cfg.data, **options_for(cfg.data, options))
+        shard_root = manifest.base_url or cfg.data
+        shard_fs, shard_base = fsspec.core.url_to_fs(shard_root, **options_for(shard_root, options))
         return cls(
             root=cfg.data,
             manifest=manifest,
             fs=fs,
             base=base.rstrip("/"),
+            shard_fs=shard_fs,
+            shard_base=shard_base.rstrip("/"),
             retries=cfg.retries,
             retry_backoff_s=cfg.retry_backoff_s,
             max_read_bytes=cfg.max_read_mb << 20,
+            extra=tuple(e.lower() for e in getattr(cfg, "extra_members", ())),
         )
 
     @property
@@ -109,11 +131,16 @@ class Dataset:
         return [s.name for s in self.manifest.shards]
 
     @property
+    def labelled(self) -> bool:
+        return self.manifest.labelled
+
+    @property
     def retried(self) -> int:
         """Reads retried after an error so far (by this object, in this process)."""
         return self._retried
 
     def _path(self, name: str) -> str:
+        """A file beside the manifest (.idx, .labels)."""
         return f"{self.base}/{name}"
 
     def _retry(self, what: str, fn):
@@ -141,6 +168,13 @@ class Dataset:
                 time.sleep(wait)
         raise AssertionError("unreachable")
 
+    def _text(self, name: str) -> str:
+        raw = self.fs.cat_file(self._path(name))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TarFormatError(f"{name} is not a text file") from None
+
     def index(self, shard: int) -> ShardIndex | None:
         """The parsed .idx of SHARD (cached), or None if the manifest lists none."""
         with self._lock:
@@ -151,12 +185,7 @@ class Dataset:
         if info.index:
 
             def load() -> ShardIndex:
-                raw = self.fs.cat_file(self._path(info.index))
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise TarFormatError(f"{info.index} is not a text index file") from None
-                parsed = parse_index(text, source=info.index)
+                parsed = parse_index(self._text(info.index), source=info.index)
                 if len(parsed) != info.samples:
                     raise TarFormatError(
                         f"{info.index} lists {len(parsed)} samples, the manifest {info.samples}"
@@ -168,37 +197,77 @@ class Dataset:
             self._indexes[shard] = idx
         return idx
 
+    def sample_labels(self, shard: int) -> tuple[np.ndarray, tuple[str, ...]] | None:
+        """(labels, keys) from an adopted shard's .labels file (cached), else None."""
+        with self._lock:
+            if shard in self._labels:
+                return self._labels[shard]
+        info = self.manifest.shards[shard]
+        found = None
+        if info.labels:
+
+            def load():
+                labels, keys = parse_labels(self._text(info.labels), source=info.labels)
+                if len(labels) != info.samples:
+                    raise TarFormatError(
+                        f"{info.labels} lists {len(labels)} samples, the manifest {info.samples}"
+                    )
+                return labels, keys
+
+            found = self._retry(f"labels {info.labels}", load)
+        with self._lock:
+            self._labels[shard] = found
+        return found
+
     def _read(self, name: str, start: int | None = None, stop: int | None = None) -> bytes:
-        data = self.fs.cat_file(self._path(name), start=start, end=stop)
+        data = self.shard_fs.cat_file(f"{self.shard_base}/{name}", start=start, end=stop)
         if start is not None and stop is not None and len(data) != stop - start:
             raise TarFormatError(
                 f"short read: bytes {start}..{stop} gave {len(data)} bytes (truncated shard?)"
             )
         return data
 
+    def _whole(self, info, listed: tuple[str, ...] | None) -> list[RawSample]:
+        """Every sample of a shard read whole (no .idx: compressed, or foreign); LISTED
+        (an adopted shard's kept keys) picks and orders them."""
+        data = self._read(info.name)
+        if is_compressed_tar(info.name):
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError, zlib.error) as exc:
+                raise TarFormatError(f"not a readable gzip-compressed tar ({exc})") from None
+        samples = tar_samples(data, self.extra)
+        if listed is not None:
+            by_key = {s.key: s for s in samples}
+            missing = next((k for k in listed if k not in by_key), None)
+            if missing is not None:
+                raise TarFormatError(f"has no sample {missing} (changed since it was adopted?)")
+            samples = [by_key[k] for k in listed]
+        if len(samples) != info.samples:
+            raise TarFormatError(f"holds {len(samples)} samples, the manifest says {info.samples}")
+        return samples
+
     def read_samples(self, shard: int, indices: np.ndarray) -> list[RawSample]:
         """Samples INDICES (sorted) of SHARD, in that order, in as few reads as possible."""
         info = self.manifest.shards[shard]
         idx = self.index(shard)
+        adopted = self.sample_labels(shard)
         if idx is None:
+            listed = adopted[1] if adopted is not None else None
+            everything = self._retry(f"shard {info.name}", lambda: self._whole(info, listed))
+            out = [everything[i] for i in indices.tolist()]
+        else:
+            out = []
+            for start, stop, ids in idx.ranges(indices, MERGE_GAP_BYTES, self.max_read_bytes):
 
-            def whole() -> list[RawSample]:
-                samples = tar_samples(self._read(info.name))
-                if len(samples) != info.samples:
-                    raise TarFormatError(
-                        f"holds {len(samples)} samples, the manifest says {info.samples}"
-                    )
-                return samples
+                def part(start=start, stop=stop, ids=ids) -> list[RawSample]:
+                    buf = self._read(info.name, start, stop)
+                    return slice_samples(buf, start, idx, ids, self.extra)
 
-            everything = self._retry(f"shard {info.name}", whole)
-            return [everything[i] for i in indices.tolist()]
-        out: list[RawSample] = []
-        for start, stop, ids in idx.ranges(indices, MERGE_GAP_BYTES, self.max_read_bytes):
-
-            def part(start=start, stop=stop, ids=ids) -> list[RawSample]:
-                return slice_samples(self._read(info.name, start, stop), start, idx, ids)
-
-            out.extend(self._retry(f"shard {info.name} (bytes {start}..{stop})", part))
+                out.extend(self._retry(f"shard {info.name} (bytes {start}..{stop})", part))
+        if adopted is not None:  # labels as adopt resolved them, not the tar's own
+            labels = adopted[0][indices].tolist()
+            out = [dataclasses.replace(s, label=lab) for s, lab in zip(out, labels, strict=True)]
         return out
 
     def read_bytes(self, shard: int) -> bytes:

@@ -27,7 +27,7 @@ import torch
 
 from pipeline.batch import Batch
 from pipeline.mainguard import unguarded_top_level_line
-from pipeline.reader import CorruptDataError, EncodedBatch, encoded_batches
+from pipeline.reader import CorruptDataError, EncodedBatch, encoded_batches, extra_text
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +213,7 @@ class TorchBackend:
 
     def _finish(self, enc: EncodedBatch, images: torch.Tensor, failed: list[int]) -> Batch:
         keys, labels, skipped = list(enc.keys), enc.labels.copy(), list(enc.skipped)
+        extra = list(enc.extra) if enc.extra is not None else None
         if failed:
             good = next((i for i in range(len(keys)) if i not in set(failed)), None)
             if good is None:
@@ -220,8 +221,11 @@ class TorchBackend:
             for i in failed:
                 skipped.append(keys[i])
                 keys[i], labels[i] = keys[good], labels[good]
+                if extra is not None:
+                    extra[i] = extra[good]  # the row stands in for GOOD entirely
         labels_t = torch.from_numpy(labels).to(self.device, non_blocking=True)
-        return Batch(self.normalize(images), labels_t, keys, tuple(skipped))
+        text = extra_text(extra, self.cfg.extra_members)
+        return Batch(self.normalize(images), labels_t, keys, tuple(skipped), text)
 
     def batches(self, job) -> Iterator[Batch]:
         source = encoded_batches(job)

@@ -1,4 +1,4 @@
-"""The ``shard`` command: pack, verify, inspect, index, synth.
+"""The ``shard`` command: pack, adopt, verify, inspect, index, synth.
 
 argv is parsed here and nowhere else. Bad options print one line naming the
 option and exit 2; failures (bad data, unfinished destinations, mismatches)
@@ -173,6 +173,44 @@ def build_parser() -> argparse.ArgumentParser:
         "on N (recorded in the manifest); 0 = the smallest multiple of --max-count >= 10,000 "
         "(default: %(default)s)",
     )
+    _add_labels(p, table=True)
+    _add_storage(p)
+
+    p = sub.add_parser(
+        "adopt", help="make existing webdataset tars a dataset where they are (.idx + manifest)"
+    )
+    p.add_argument(
+        "src",
+        nargs="+",
+        metavar="SRC",
+        help="tar paths, URLs, globs or brace patterns ({000..099})",
+    )
+    p.add_argument(
+        "--manifest-to",
+        dest="dest",
+        required=True,
+        metavar="DEST",
+        help="folder or URL for the manifest, .idx and .labels files (the tars stay where they are)",
+    )
+    p.add_argument(
+        "--base-url",
+        help="the URL shard names are relative to (default: the tars' deepest common folder)",
+    )
+    p.add_argument(
+        "--hash",
+        action="store_true",
+        help="record each tar's sha256 (reads every byte; default: sizes and etags only)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=8,
+        help="tars scanned at once, in threads (default: %(default)s)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print a JSON summary instead of the summary line"
+    )
+    _add_labels(p, table=False)
     _add_storage(p)
 
     p = sub.add_parser("verify", help="check shards against manifest.json (sizes, counts, sha256)")
@@ -217,6 +255,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="(default: %(default)s)",
     )
     return parser
+
+
+def _add_labels(p: argparse.ArgumentParser, *, table: bool) -> None:
+    where = (
+        "cls = the tar samples' .cls member (any case), json:FIELD = a field of their .json "
+        "(dotted for nested fields, e.g. json:meta.label)"
+        + ("; for a CSV/JSONL/Parquet SRC the column name" if table else "")
+        + " (default: class folders, the 'label' column, or cls)"
+    )
+    p.add_argument("--label", metavar="SPEC", help=f"where labels come from: {where}")
+    p.add_argument(
+        "--classes-from",
+        metavar="FILE",
+        help="class names in label order (one per line, a JSON list, or a JSON {name: label}); "
+        "names are mapped through it and others rejected (default: the sorted names found)",
+    )
+    p.add_argument(
+        "--unlabelled",
+        action="store_true",
+        help="no labels (image-text, self-supervised data): every label is -1",
+    )
+    p.add_argument(
+        "--max-reject-fraction",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="fail (exit 1, no manifest) if more than this fraction of the inputs is rejected, "
+        "or if nothing is kept (default: %(default)s)",
+    )
 
 
 def _storage(args: argparse.Namespace) -> dict[str, Any]:
@@ -273,7 +340,29 @@ def _pack_config(args: argparse.Namespace, src: str | tuple[str, ...]):
         executor=args.executor,
         ray_address=args.ray_address,
         ray_chunk_size=args.ray_chunk_size,
+        label=args.label or "",
+        classes_from=args.classes_from,
+        unlabelled=args.unlabelled,
+        max_reject_fraction=args.max_reject_fraction,
     )
+
+
+def _cmd_adopt(args: argparse.Namespace) -> int:
+    from shard_tools.adopt import AdoptConfig, adopt
+    from shard_tools.format import redact
+
+    with _usage_errors():
+        cfg = AdoptConfig(src=tuple(args.src), dest=args.dest, label=args.label or "",
+                          classes_from=args.classes_from, unlabelled=args.unlabelled,
+                          hash=args.hash, workers=args.workers, base_url=args.base_url,
+                          max_reject_fraction=args.max_reject_fraction)  # fmt: skip
+    result = adopt(
+        cfg, storage_options=_storage(args), progress=sys.stderr.isatty() and not args.json
+    )
+    print(
+        redact(json.dumps(result.summary(), sort_keys=True) if args.json else result.summary_line())
+    )
+    return 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -323,6 +412,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "pack": _cmd_pack,
+    "adopt": _cmd_adopt,
     "verify": _cmd_verify,
     "inspect": _cmd_inspect,
     "index": _cmd_index,
@@ -352,6 +442,7 @@ def _storage_urls(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``shard`` console script; returns the exit status."""
+    from shard_tools.adopt import AdoptError
     from shard_tools.format import CREDENTIALS_HINT, ManifestError, redact
     from shard_tools.inspect import InspectError
     from shard_tools.pack import PackError
@@ -370,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UsageError as exc:
         return fail(str(exc), 2)
-    except (PackError, ResumeError, SourceError, ManifestError, InspectError) as exc:
+    except (PackError, ResumeError, SourceError, ManifestError, InspectError, AdoptError) as exc:
         return fail(str(exc))
     except FileNotFoundError as exc:
         return fail(f"not found: {exc.filename or exc}")

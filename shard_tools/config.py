@@ -78,6 +78,13 @@ class PackConfig:
     executor: str = "local"
     ray_address: str | None = None
     ray_chunk_size: int = 0  # inputs per Ray task; 0: see chunk_size
+    # Labels (shard_tools.labels.LabelSpec): "" = the default for the source, "cls",
+    # "json:FIELD.PATH", or a column name for a CSV/JSONL/Parquet SRC.
+    label: str = ""
+    classes_from: str | None = None  # class names in label order (a file)
+    unlabelled: bool = False  # no labels at all (image-text, self-supervised): label -1
+    # A pack that keeps nothing, or rejects more than this fraction of its inputs, fails.
+    max_reject_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.src, list):
@@ -116,6 +123,12 @@ class PackConfig:
             raise ValueError(
                 f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}"
             )
+        if not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise ValueError(
+                f"--max-reject-fraction must be within [0, 1], got {self.max_reject_fraction}"
+            )
+        if self.unlabelled and (self.label or self.classes_from):
+            raise ValueError("--unlabelled takes neither --label nor --classes-from")
         if self.ray_chunk_size < 0:
             raise ValueError(f"--ray-chunk-size must be >= 0, got {self.ray_chunk_size}")
         if self.executor != "ray" and (self.ray_address or self.ray_chunk_size):
@@ -156,5 +169,8 @@ class PackConfig:
             "max_pixels": self.max_pixels,
             "classes": list(self.classes) if self.classes else None,
             "fraction": self.fraction,
+            "label": self.label or None,
+            "classes_from": redact(self.classes_from) if self.classes_from else None,
+            "unlabelled": self.unlabelled,
             **ray,
         }

@@ -7,12 +7,21 @@ streamed and only those small members are read; ``scan=False`` skips it).
 
 from __future__ import annotations
 
+import gzip
 import json
 import statistics
 import tarfile
+import zlib
 from typing import Any
 
-from shard_tools.format import META_EXT, read_manifest, scan_samples
+from shard_tools.format import (
+    META_EXT,
+    OWN_META_EXT,
+    ShardInfo,
+    is_compressed_tar,
+    read_manifest,
+    scan_samples,
+)
 from shard_tools.storage import Destination, options_for
 
 SIDE_BUCKETS = (64, 128, 256, 512, 1024)
@@ -35,56 +44,58 @@ class InspectError(ValueError):
     """A shard that cannot be scanned (truncated, not a tar, damaged metadata)."""
 
 
-def _shard_sizes(dest: Destination, name: str, samples: int, nbytes: int) -> list[tuple[int, int]]:
-    """(width, height) from every .json member of shard NAME, which must hold SAMPLES
-    in NBYTES bytes."""
-    sizes, seen = [], 0
+def _shard_sizes(dest: Destination, shard: ShardInfo) -> list[tuple[int, int]]:
+    """(width, height) of the samples of SHARD from their metadata (shard pack's, or a
+    .json with width and height fields, as img2dataset writes)."""
+    name = shard.name
     try:
         size = dest.size(name)
     except FileNotFoundError:
         raise InspectError(f"{name}: missing (listed in the manifest)") from None
-    if size != nbytes:
+    if size != shard.bytes:
         raise InspectError(
-            f"{name}: is {size:,} bytes but the manifest says {nbytes:,} (truncated or "
+            f"{name}: is {size:,} bytes but the manifest says {shard.bytes:,} (truncated or "
             "replaced shard); `shard verify` names the damage"
         )
+    sizes, seen = [], 0
+    wanted = (META_EXT, OWN_META_EXT)
     try:
         with dest.open_read(name) as f:
-            for key, members in scan_samples(f, read=lambda ext: ext == META_EXT):
+            stream = gzip.GzipFile(fileobj=f, mode="rb") if is_compressed_tar(name) else f
+            for key, members in scan_samples(stream, read=lambda ext: ext.lower() in wanted):
                 seen += 1
-                for ext, _, _, _, data in members:
-                    if ext != META_EXT or data is None:
-                        continue
-                    try:
-                        meta = json.loads(data)
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        raise InspectError(
-                            f"{name}: sample {key} has a damaged .json member"
-                        ) from None
-                    if not isinstance(meta, dict):
-                        continue
-                    w, h = meta.get("width"), meta.get("height")
-                    if isinstance(w, int) and isinstance(h, int):
-                        sizes.append((w, h))
-    except tarfile.TarError as exc:
+                data = {m.ext.lower(): m.data for m in members if m.data is not None}
+                raw = data.get(OWN_META_EXT) or data.get(META_EXT)
+                if raw is None:
+                    continue
+                try:
+                    meta = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise InspectError(f"{name}: sample {key} has a damaged .json member") from None
+                if not isinstance(meta, dict):
+                    continue
+                w, h = meta.get("width"), meta.get("height")
+                if isinstance(w, int) and isinstance(h, int):
+                    sizes.append((w, h))
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise InspectError(
             f"{name}: not a readable tar ({exc}); `shard verify` names the damage"
         ) from None
-    if seen != samples:
+    # An adopted shard's manifest counts the samples kept; its tar may hold rejected ones too.
+    if seen < shard.samples or (seen != shard.samples and not shard.labels):
         raise InspectError(
-            f"{name}: holds {seen} samples but the manifest says {samples} (truncated or "
+            f"{name}: holds {seen} samples but the manifest says {shard.samples} (truncated or "
             "damaged shard); `shard verify` names the damage"
         )
     return sizes
 
 
-def image_sizes(dest: Destination, shards: list[tuple[str, int]]) -> dict[str, Any]:
-    """Width/height statistics and longer-side buckets from the samples' .json members
-    of SHARDS ((name, samples, bytes) as the manifest lists them)."""
+def image_sizes(dest: Destination, shards) -> dict[str, Any]:
+    """Width/height statistics and longer-side buckets of the SHARDS' samples."""
     widths, heights = [], []
     buckets = {_bucket(b): 0 for b in (*SIDE_BUCKETS, SIDE_BUCKETS[-1] + 1)}
-    for name, samples, nbytes in shards:
-        for w, h in _shard_sizes(dest, name, samples, nbytes):
+    for shard in shards:
+        for w, h in _shard_sizes(dest, shard):
             widths.append(w)
             heights.append(h)
             buckets[_bucket(max(w, h))] += 1
@@ -118,10 +129,12 @@ def inspect_dataset(
             for s in m.shards
         ],
         "options": m.options,
+        "labelled": m.labelled,
+        "base_url": m.base_url,
     }
     if scan:
-        dest = Destination(dest_url, storage_options)
-        info["image_sizes"] = image_sizes(dest, [(s.name, s.samples, s.bytes) for s in m.shards])
+        dest = Destination(m.base_url or dest_url, storage_options)
+        info["image_sizes"] = image_sizes(dest, m.shards)
     return info
 
 

@@ -106,3 +106,132 @@ def resolve(values: list[Any], where: list[str]) -> Labels:
         else:
             labels.append(p.value if isinstance(p.value, int) else classes[p.value])
     return Labels(classes=classes, labels=labels, reasons=[p.reason for p in parsed])
+
+
+# -- where labels come from: a sample's .cls, a field of its .json, a table column -------
+
+LABEL_HINT_FIELDS = ("label", "labels", "class", "cls", "category", "target", "class_id",
+                     "label_id", "class_name")  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class LabelSpec:
+    """``--label``, ``--classes-from`` and ``--unlabelled`` of one pack or adopt.
+
+    KIND is ``cls`` (a tar sample's ``.cls`` member, any case), ``json`` (the field
+    at PATH of its ``.json`` member, dotted for nested fields), ``column`` (the
+    column PATH of a CSV/JSONL/Parquet manifest) or ``none`` (unlabelled: label -1).
+    CLASSES, from ``--classes-from``, fixes the class names and their order.
+    """
+
+    kind: str
+    path: str = ""
+    classes: tuple[str, ...] | None = None
+    classes_from: str | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return self.kind != "none"
+
+    def describe(self) -> str:
+        return {"cls": ".cls member", "json": f".json field {self.path}",
+                "column": f"column {self.path}", "none": "no label"}[self.kind]  # fmt: skip
+
+
+def parse_spec(
+    text: str | None, *, unlabelled: bool = False, classes_from: str | None = None,
+    table: bool = False, storage_options: dict[str, Any] | None = None,
+) -> LabelSpec:  # fmt: skip
+    """``--label`` TEXT (None: the default, ``cls`` for tars and column ``label`` for a
+    table) with ``--unlabelled`` and ``--classes-from``; ValueError for a bad combination."""
+    if unlabelled:
+        if text or classes_from:
+            raise ValueError("--unlabelled takes neither --label nor --classes-from")
+        return LabelSpec(kind="none")
+    classes = read_class_list(classes_from, storage_options) if classes_from else None
+    text = (text or "").strip()
+    if table:
+        column = text.removeprefix("column:") if text else "label"
+        if not column or text.startswith(("json:", "cls")):
+            raise ValueError(f"--label {text!r}: a CSV/JSONL/Parquet SRC takes a column name")
+        return LabelSpec(kind="column", path=column, classes=classes, classes_from=classes_from)
+    if not text or text.lower() == "cls":
+        return LabelSpec(kind="cls", classes=classes, classes_from=classes_from)
+    if text.startswith("json:") and text[5:].strip(". "):
+        return LabelSpec(kind="json", path=text[5:], classes=classes, classes_from=classes_from)
+    raise ValueError(f"--label {text!r}: use cls (the .cls member) or json:FIELD (e.g. json:label)")
+
+
+def read_class_list(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """Class names in label order from a file: one name per line, a JSON list, or a JSON
+    object {name: label} whose labels are 0..N-1."""
+    import json
+
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8", **(storage_options or {})) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"--classes-from {url}: not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--classes-from {url}: cannot be read ({exc})") from None
+    stripped = text.strip()
+    names: list[str]
+    if stripped.startswith(("[", "{")):
+        try:
+            data = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--classes-from {url}: not valid JSON ({exc.msg})") from None
+        if isinstance(data, dict):
+            by_label = sorted((v, k) for k, v in data.items() if isinstance(v, int))
+            if [v for v, _ in by_label] != list(range(len(data))):
+                raise ValueError(f"--classes-from {url}: labels must be 0..N-1, one per name")
+            names = [k for _, k in by_label]
+        else:
+            names = [str(x) for x in data]
+    else:
+        names = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not names:
+        raise ValueError(f"--classes-from {url}: lists no class")
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise ValueError(f"--classes-from {url}: class {dup!r} is listed twice")
+    return tuple(names)
+
+
+def field(meta: Any, path: str) -> Any:
+    """META's value at the dotted PATH (``a.b`` -> meta["a"]["b"]), or None."""
+    for part in path.split("."):
+        if not isinstance(meta, dict) or part not in meta:
+            return None
+        meta = meta[part]
+    return meta
+
+
+def resolve_spec(values: list[Any], where: list[str], spec: LabelSpec) -> Labels:
+    """Labels of VALUES under SPEC: through its class list if it has one (an integer is
+    an index into it, a name must be in it; other rows are rejected), else as
+    :func:`resolve` decides."""
+    if not spec.labelled:
+        return Labels(classes={}, labels=[-1] * len(values), reasons=[""] * len(values))
+    if spec.classes is None:
+        return resolve(values, where)
+    index = {name: i for i, name in enumerate(spec.classes)}
+    labels: list[int | None] = []
+    reasons: list[str] = []
+    for raw in values:
+        p = parse_value(raw)
+        if p.value is None:
+            labels.append(None)
+            reasons.append(p.reason)
+        elif isinstance(p.value, int) and 0 <= p.value < len(spec.classes):
+            labels.append(p.value)
+            reasons.append("")
+        elif isinstance(p.value, str) and p.value in index:
+            labels.append(index[p.value])
+            reasons.append("")
+        else:
+            labels.append(None)
+            reasons.append(f"label {raw!r} is not a class of --classes-from {spec.classes_from}")
+    return Labels(classes=index, labels=labels, reasons=reasons)

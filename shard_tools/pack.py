@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from shard_tools import __version__, resume, validate
+from shard_tools import __version__, labels, rejects, resume, validate
 from shard_tools.config import PackConfig
 from shard_tools.format import (
     MANIFEST_NAME,
@@ -38,7 +38,7 @@ from shard_tools.format import (
     index_name,
     shard_name,
 )
-from shard_tools.sources import Item, Source, describe, list_source, select
+from shard_tools.sources import MANIFEST_SUFFIXES, Item, Source, describe, list_source, select
 from shard_tools.storage import Destination
 from shard_tools.tarwrite import ChangedFileError, ShardTarWriter
 
@@ -254,6 +254,7 @@ def pack(
         return ray_executor.pack(config, storage_options=storage_options, progress=progress)
     t0 = time.perf_counter()
     pool = start_pool(config.num_workers)
+    source = None
     try:
         dest, source = prepare(config, storage_options)
         done = resume.begin(dest, _fingerprint(config, source), resume=config.resume)
@@ -261,10 +262,12 @@ def pack(
         entries = done + _write_shards(
             config, source, dest, done, storage_options, progress, tail, pool=pool
         )
+        return _finish(config, source, dest, entries, tail, len(done), time.perf_counter() - t0)
     finally:
         if pool is not None:  # already shut down unless something failed on the way
             pool.shutdown(wait=True, cancel_futures=True)
-    return _finish(config, source, dest, entries, tail, len(done), time.perf_counter() - t0)
+        if source is not None:
+            source.close()  # decompressed copies of .tar.gz inputs
 
 
 def prepare(
@@ -276,7 +279,14 @@ def prepare(
         raise PackError(
             f"{config.dest} already holds a finished dataset ({MANIFEST_NAME}); choose another DEST"
         )
-    listed = list_source(config.src, storage_options)
+    kind_table = isinstance(config.src, str) and config.src.lower().endswith(MANIFEST_SUFFIXES)
+    try:
+        spec = labels.parse_spec(config.label or None, unlabelled=config.unlabelled,
+                                 classes_from=config.classes_from, table=kind_table,
+                                 storage_options=storage_options)  # fmt: skip
+    except ValueError as exc:
+        raise PackError(str(exc)) from None
+    listed = list_source(config.src, storage_options, spec)
     source = select(
         listed,
         classes=config.classes,
@@ -286,9 +296,16 @@ def prepare(
     )
     if config.strict and source.rejected:
         path, reason = source.rejected[0]
+        source.close()
         raise PackError(
             f"--strict: rejected {path}: {reason} (and {len(source.rejected) - 1} more)"
         )
+    try:  # before anything is written: most rejections are known from the listing
+        rejects.check(len(source.items), source.rejected, config.max_reject_fraction,
+                      source.hints, what="pack", error=PackError)  # fmt: skip
+    except PackError:
+        source.close()
+        raise
     return dest, source
 
 
@@ -412,6 +429,9 @@ def _finish(
     for e in entries:
         rejected.extend(tuple(r) for r in e["rejected"])
     rejected.extend(tail_rejected)
+    kept = sum(e["samples"] for e in entries)
+    rejects.check(kept, rejected, config.max_reject_fraction, source.hints, what="pack",
+                  error=PackError)  # fmt: skip
     lines = "".join(
         json.dumps({"path": p, "reason": r}, sort_keys=True, ensure_ascii=False) + "\n"
         for p, r in rejected
@@ -421,7 +441,8 @@ def _finish(
     counts = {name: 0 for name in source.classes}
     for e in entries:
         for label, n in e["class_counts"].items():
-            counts[names[int(label)]] += n
+            if int(label) >= 0:  # unlabelled samples (-1) belong to no class
+                counts[names[int(label)]] += n
     shards = tuple(
         ShardInfo(
             name=e["name"],
@@ -443,6 +464,7 @@ def _finish(
         class_counts=counts,
         options=config.recorded_options(),
         tool_version=__version__,
+        labelled=source.labelled,
     )
     # The manifest is the commit marker: written last, after every shard,
     # index and the rejected list are in place.

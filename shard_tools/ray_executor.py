@@ -44,7 +44,7 @@ from typing import Any
 from shard_tools import pack as packing
 from shard_tools import resume
 from shard_tools.config import PackConfig
-from shard_tools.format import ManifestError, index_name, join_url, shard_name
+from shard_tools.format import ManifestError, index_name, is_compressed_tar, join_url, shard_name
 from shard_tools.resume import ResumeError
 from shard_tools.sources import Item, Source, SourceError, TarRef, describe
 from shard_tools.storage import Destination
@@ -321,6 +321,12 @@ def pack(
     config: PackConfig, *, storage_options: dict[str, Any] | None = None, progress: bool = True
 ) -> packing.PackResult:
     """``pack.pack`` for ``config.executor == "ray"``; see the module doc."""
+    srcs = config.src if isinstance(config.src, tuple) else (config.src,)
+    if any(is_compressed_tar(s) for s in srcs):
+        raise packing.PackError(
+            "--executor ray reads .tar.gz inputs only through a local decompressed copy, which "
+            "the cluster's workers cannot see: decompress them first, or pack without Ray"
+        )
     t0 = time.perf_counter()  # Ray's start-up counts: it is part of the wait
     with ray_session(config) as ray:
         dest, source = packing.prepare(config, storage_options)

@@ -3,34 +3,41 @@
 Every source is listed up front into a list of small :class:`Item` references
 (paths and tar offsets, never image bytes); workers read the bytes. The list
 is what subset selection and ``--shuffle`` permute, and its order decides the
-sample keys, so listing is deterministic (sorted) everywhere.
+sample keys, so listing is deterministic (sorted) everywhere. Labels come from
+where a :class:`~shard_tools.labels.LabelSpec` says (class folders, a table
+column, a tar sample's ``.cls`` or ``.json``), or there are none
+(``--unlabelled``: label -1).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
 import posixpath
 import tarfile
+import tempfile
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import fsspec
 import numpy as np
 
-from shard_tools import labels
+from shard_tools import labels, rejects, tarsource
 from shard_tools.format import (
-    INPUT_IMAGE_EXTS,
     LABEL_EXT,
     MANIFEST_NAME,
     META_EXT,
     Manifest,
     ManifestError,
     check_url,
+    is_compressed_tar,
+    is_tar_name,
     redact,
-    scan_samples,
 )
 from shard_tools.storage import options_for
 
@@ -51,12 +58,14 @@ class TarRef(NamedTuple):
 
 
 class Item(NamedTuple):
-    """One input sample: where its bytes are, what to call it, its label."""
+    """One input sample: where its bytes are, what to call it, its label (-1: none)."""
 
     ref: str | TarRef  # a local path or fsspec URL, or a member of a tar
     source: str  # how the sample is named in metadata and rejected.jsonl
     label: int
     extra: dict[str, Any] | None = None
+    # Members of a tar sample written again byte for byte (.txt captions, .json, ...).
+    keep: tuple[tuple[str, TarRef], ...] = ()
 
 
 @dataclass
@@ -66,6 +75,16 @@ class Source:
     classes: dict[str, int]
     items: list[Item]
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    labelled: bool = True
+    # What a user may have meant when many inputs were rejected (see fail_loudly).
+    hints: list[str] = field(default_factory=list)
+    # Removes what listing made on the side (decompressed copies of .tar.gz inputs).
+    cleanup: Callable[[], None] | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        if self.cleanup is not None:
+            self.cleanup()
+            self.cleanup = None
 
 
 def _is_url(path: str) -> bool:
@@ -79,26 +98,34 @@ def _kind(src: str | tuple[str, ...]) -> str:
     base = one.rstrip("/").lower()
     if base.endswith(MANIFEST_SUFFIXES):
         return "manifest"
-    if base.endswith(".tar") or any(c in one for c in "*?[{"):
+    if is_tar_name(base) or any(c in one for c in "*?[{"):
         return "tars"
     return "folder"
 
 
 def list_source(
-    src: str | tuple[str, ...], storage_options: dict[str, Any] | None = None
+    src: str | tuple[str, ...],
+    storage_options: dict[str, Any] | None = None,
+    spec: labels.LabelSpec | None = None,
 ) -> Source:
     """List SRC (see the module doc) into a Source in its natural, sorted order."""
     kind = _kind(src)
+    if spec is None:
+        spec = labels.parse_spec(None, table=kind == "manifest")
     if kind == "tars":
         patterns = list(src) if isinstance(src, tuple) else [src]
-        return _list_tars(patterns, storage_options)
+        return _list_tars(patterns, storage_options, spec)
     one = src[0] if isinstance(src, tuple) else src
     if kind == "manifest":
-        return _list_manifest(one, storage_options)
-    return _list_folder(one, storage_options)
+        return _list_manifest(one, storage_options, spec)
+    if spec.kind == "json":
+        raise SourceError(f"--label json:{spec.path} reads tar samples' .json; {one} is a folder")
+    return _list_folder(one, storage_options, spec)
 
 
-def _list_folder(root: str, storage_options: dict[str, Any] | None) -> Source:
+def _list_folder(
+    root: str, storage_options: dict[str, Any] | None, spec: labels.LabelSpec
+) -> Source:
     fs, base = fsspec.core.url_to_fs(root, **options_for(root, storage_options))
     if not fs.isdir(base):
         raise SourceError(
@@ -116,16 +143,30 @@ def _list_folder(root: str, storage_options: dict[str, Any] | None) -> Source:
                 if not name.startswith("."):
                     files.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
     files.sort()
-    names = sorted({printable(f.split("/", 1)[0]) for f in files if "/" in f})
-    classes = {name: i for i, name in enumerate(names)}
-    items, rejected = [], []
     prefix = root.rstrip("/") if _is_url(root) else base
+    if not spec.labelled:  # every file is a sample, whatever folder it is in
+        items = [Item(f"{prefix}/{rel}", printable(rel), -1) for rel in files]
+        return Source(classes={}, items=items, labelled=False)
+    if spec.classes is not None:
+        classes = {name: i for i, name in enumerate(spec.classes)}
+    else:
+        names = sorted({printable(f.split("/", 1)[0]) for f in files if "/" in f})
+        classes = {name: i for i, name in enumerate(names)}
+    items, rejected = [], []
     for rel in files:
         if "/" not in rel:
             rejected.append((printable(rel), "not inside a class folder (SRC/<class>/<image>)"))
             continue
-        label = classes[printable(rel.split("/", 1)[0])]
-        items.append(Item(f"{prefix}/{rel}", printable(rel), label))
+        folder = printable(rel.split("/", 1)[0])
+        if folder not in classes:
+            rejected.append(
+                (
+                    printable(rel),
+                    f"class folder {folder} is not in --classes-from {spec.classes_from}",
+                )
+            )
+            continue
+        items.append(Item(f"{prefix}/{rel}", printable(rel), classes[folder]))
     return Source(classes=classes, items=items, rejected=rejected)
 
 
@@ -183,23 +224,18 @@ def _read_table(
         raise
 
 
-def _as_int_label(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | np.integer):
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return None
-
-
-def _list_manifest(url: str, storage_options: dict[str, Any] | None) -> Source:
+def _list_manifest(
+    url: str, storage_options: dict[str, Any] | None, spec: labels.LabelSpec
+) -> Source:
     rows, where = _read_table(url, storage_options)
     if not rows:
-        raise SourceError(f"SRC manifest {url} has no rows")
-    for column in ("path", "label"):
-        if not any(column in row for row in rows):
-            raise SourceError(f"SRC manifest {url} lacks column {column}")
+        raise SourceError(f"SRC manifest {redact(url)} has no rows")
+    column = spec.path if spec.kind == "column" else None
+    for name in ("path", column):
+        if name is not None and not any(name in row for row in rows):
+            raise SourceError(f"SRC manifest {redact(url)} lacks column {name}" + (
+                " (--label names another column; --unlabelled packs without labels)"
+                if name == column else ""))  # fmt: skip
     rejected = []
     kept_rows, kept_where = [], []
     for row, at in zip(rows, where, strict=True):
@@ -209,7 +245,8 @@ def _list_manifest(url: str, storage_options: dict[str, Any] | None) -> Source:
             kept_rows.append(row)
             kept_where.append(at)
     try:
-        resolved = labels.resolve([row.get("label") for row in kept_rows], kept_where)
+        values = [row.get(column) for row in kept_rows] if column else [None] * len(kept_rows)
+        resolved = labels.resolve_spec(values, kept_where, spec)
     except labels.LabelError as exc:
         raise SourceError(f"SRC manifest {exc}") from None
     base = url.rsplit("/", 1)[0] if "/" in url else "."
@@ -228,9 +265,9 @@ def _list_manifest(url: str, storage_options: dict[str, Any] | None) -> Source:
             rejected.append((shown, f"{exc} ({at})"))
             continue
         ref = path if _is_url(path) or path.startswith("/") else f"{base}/{path}"
-        extra = {k: v for k, v in row.items() if k not in ("path", "label")} or None
+        extra = {k: v for k, v in row.items() if k not in ("path", column)} or None
         items.append(Item(ref, shown, label, extra))
-    return Source(classes=resolved.classes, items=items, rejected=rejected)
+    return Source(classes=resolved.classes, items=items, rejected=rejected, labelled=spec.labelled)
 
 
 def expand_tar_patterns(patterns: list[str], storage_options: dict[str, Any] | None) -> list[str]:
@@ -267,32 +304,6 @@ def check_member(tar_url: str, member: tarfile.TarInfo) -> None:
         raise SourceError(f"{tar_url}: member {name!r} is not a regular file; refusing this tar")
 
 
-def _open_stream(url: str, opts: dict[str, Any]):
-    # Large blocks: the scan reads each tar front to back once.
-    fs, path = fsspec.core.url_to_fs(url, **opts)
-    return fs.open(path, "rb", block_size=16 * 2**20)
-
-
-def scan_tar(url: str, storage_options: dict[str, Any] | None):
-    """Yield (key, {ext: Member}, {ext: small member bytes}) per sample of one tar.
-
-    Streams the tar once; .cls and .json members are read, images only located.
-    """
-    opts = options_for(url, storage_options)
-    small_exts = (LABEL_EXT, META_EXT)
-    try:
-        with _open_stream(url, opts) as f:
-            for key, members in scan_samples(
-                f, read=lambda ext: ext in small_exts, check=lambda m: check_member(url, m)
-            ):
-                by_ext = {m.ext: m for m in members}
-                yield key, by_ext, {m.ext: m.data for m in members if m.data is not None}
-    except tarfile.TarError as exc:
-        raise SourceError(f"{url}: not a readable uncompressed tar ({exc})") from None
-    except FileNotFoundError:
-        raise SourceError(f"tar {url} not found") from None
-
-
 def _neighbour_classes(
     url: str, tar_url: str, storage_options: dict[str, Any] | None
 ) -> dict[str, int] | None:
@@ -319,44 +330,88 @@ def _neighbour_classes(
         ) from None
 
 
-def _list_tars(patterns: list[str], storage_options: dict[str, Any] | None) -> Source:
+def _list_tars(
+    patterns: list[str], storage_options: dict[str, Any] | None, spec: labels.LabelSpec
+) -> Source:
     urls = expand_tar_patterns(patterns, storage_options)
     if not urls:
         raise SourceError("no tars given")
     first_dir = urls[0].rsplit("/", 1)[0] if "/" in urls[0] else "."
-    classes = _neighbour_classes(f"{first_dir}/{MANIFEST_NAME}", urls[0], storage_options)
-    items, rejected, max_label = [], [], -1
-    for url in urls:
-        for key, members, small in scan_tar(url, storage_options):
-            source = f"{redact(url)}#{key}"
-            image = next(
-                (e for e in members if e.rsplit(".", 1)[-1].lower() in INPUT_IMAGE_EXTS), None
-            )
-            label = _as_int_label(small.get(LABEL_EXT, b"").decode("ascii", "replace").strip())
-            if image is None:
-                rejected.append((source, "sample has no image member"))
-                continue
-            if label is None or label < 0:
-                rejected.append((source, "sample has no valid .cls label"))
-                continue
-            extra = None
-            if META_EXT in small:
-                try:
-                    meta = json.loads(small[META_EXT])
-                    extra = meta.get("extra") if isinstance(meta, dict) else None
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    extra = None
-            m = members[image]
-            ext = image.rsplit(".", 1)[-1].lower()
-            items.append(Item(TarRef(url, m.offset, m.size, ext), source, label, extra))
-            max_label = max(max_label, label)
-    if classes is None:
-        classes = {str(i): i for i in range(max_label + 1)}
-    elif max_label >= len(classes):
-        raise SourceError(
-            f"tar labels go up to {max_label} but {first_dir}/{MANIFEST_NAME} lists {len(classes)} classes"
-        )
-    return Source(classes=classes, items=items, rejected=rejected)
+    neighbour = f"{first_dir}/{MANIFEST_NAME}"
+    own = _neighbour_classes(neighbour, urls[0], storage_options)
+    if own is not None and spec.kind == "cls" and spec.classes is None:
+        # Re-sharding a shardflow dataset: its labels are numbers of its class names.
+        names = tuple(n for n, _ in sorted(own.items(), key=lambda kv: kv[1]))
+        spec = labels.LabelSpec(kind="cls", classes=names, classes_from=neighbour)
+    gz_copies = tempfile.TemporaryDirectory(prefix="shardflow-gz-") if any(
+        is_compressed_tar(u) for u in urls) else None  # fmt: skip
+    samples: list[tuple[str, tarsource.TarSample, str]] = []  # (url, sample, local path)
+    counts: dict[str, int] = {}
+    try:
+        for n, url in enumerate(urls):
+            path = url
+            if is_compressed_tar(url):  # members need byte offsets: decompress once
+                path = tarsource.local_copy(url, storage_options, f"{gz_copies.name}/{n}.tar")
+            for sample in tarsource.scan_tar(path, storage_options, group=True, counts=counts,
+                                             check=lambda m, url=url: check_member(url, m)):  # fmt: skip
+                samples.append((url, sample, path))
+    except tarsource.TarSourceError as exc:
+        if gz_copies is not None:
+            gz_copies.cleanup()
+        raise SourceError(str(exc)) from None
+    source = _tar_items(samples, spec, own is not None)
+    if counts.get("split"):
+        source.hints.append(f"{counts['split']} samples had members that were not adjacent in "
+                            "their tar; they were grouped by key")  # fmt: skip
+    if gz_copies is not None:
+        source.cleanup = gz_copies.cleanup
+    return source
+
+
+def _tar_items(
+    samples: list[tuple[str, tarsource.TarSample, str]], spec: labels.LabelSpec, own: bool
+) -> Source:
+    """Items of listed tar samples: image found, label resolved, members to keep."""
+    where = [f"{redact(url)}#{s.key}" for url, s, _ in samples]
+    raw, why = (
+        zip(*(s.label_value(spec) for _, s, _ in samples), strict=True) if samples else ((), ())
+    )
+    try:
+        resolved = labels.resolve_spec(list(raw), where, spec)
+    except labels.LabelError as exc:
+        raise SourceError(str(exc)) from None
+    items, rejected = [], []
+    reasons = Counter()
+    for (_, sample, path), at, label, reason, missing in zip(
+        samples, where, resolved.labels, resolved.reasons, why, strict=True
+    ):
+        image, problem = sample.image()
+        if image is None:
+            rejected.append((at, problem))
+            reasons["image"] += 1
+            continue
+        if label is None:
+            rejected.append((at, missing or reason))
+            reasons["label"] += 1
+            continue
+        drop = {id(image)}
+        extra = None
+        for m in sample.members:
+            if spec.kind == "cls" and m.ext.lower() == LABEL_EXT:
+                drop.add(id(m))  # written again from the label
+            if own and m.ext.lower() == META_EXT:
+                drop.add(id(m))  # shardflow's own metadata: written afresh
+                meta = sample.meta()
+                extra = meta.get("extra") if isinstance(meta, dict) else None
+        keep = tuple((m.ext, TarRef(path, m.offset, m.size, m.ext)) for m in sample.members
+                     if id(m) not in drop)  # fmt: skip
+        ext = image.ext.rsplit(".", 1)[-1].lower()
+        items.append(Item(TarRef(path, image.offset, image.size, ext), at, label, extra, keep))
+    source = Source(classes=resolved.classes, items=items, rejected=rejected,
+                    labelled=spec.labelled)  # fmt: skip
+    if reasons["label"] and spec.kind == "cls":
+        source.hints += rejects.hints(rejects.evidence([s for _, s, _ in samples]))
+    return source
 
 
 def select(
@@ -368,6 +423,8 @@ def select(
     seed: int,
 ) -> Source:
     """Apply --classes, --fraction and --shuffle; labels are renumbered 0..K-1."""
+    if classes is not None and not source.labelled:
+        raise SourceError("--classes selects classes; the input is unlabelled")
     items = source.items
     class_map = source.classes
     if classes is not None:
@@ -393,7 +450,7 @@ def select(
     if shuffle:
         order = np.random.default_rng(seed).permutation(len(items))
         items = [items[i] for i in order]
-    return Source(classes=class_map, items=items, rejected=source.rejected)
+    return dataclasses.replace(source, classes=class_map, items=items)
 
 
 def describe(items: list[Item]) -> bytes:

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import fsspec
 
-from shard_tools.format import join_url
+from shard_tools.format import join_url, options_for
 
 TMP_DIR = ".tmp"
 _S3_PROTOCOLS = {"s3", "s3a"}
@@ -38,12 +38,6 @@ def storage_options_from(endpoint_url: str | None, profile: str | None) -> dict[
     if profile:
         opts["profile"] = profile
     return opts
-
-
-def options_for(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """Storage options apply to remote URLs only (a local path takes none)."""
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    return dict(storage_options or {}) if protocol not in ("file", "local") else {}
 
 
 class Destination:

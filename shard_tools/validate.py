@@ -40,7 +40,7 @@ from typing import Any
 import fsspec
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from shard_tools.format import redact
+from shard_tools.format import LABEL_EXT, META_EXT, OWN_META_EXT, redact
 from shard_tools.sources import Item, TarRef
 from shard_tools.storage import options_for
 from shard_tools.tarwrite import FileRef, sample_chunk
@@ -353,21 +353,27 @@ def process(pos: int, item: Item, opts: WorkerOptions) -> Result:
                 file_ref = FileRef(origin[0], origin[1], len(data), origin[2])
     except Rejected as exc:
         return pos, None, redact(str(exc))  # a reason may quote the input's URL
+    try:
+        kept = [(e, read_bytes(ref, opts.storage_options)[0]) for e, ref in item.keep]
+    except Rejected as exc:
+        return pos, None, redact(f"a member to keep cannot be read: {exc}")
+    labelled = item.label >= 0
     meta: dict[str, Any] = {
         "source": item.source,
         "label": item.label,
-        "class": opts.class_names[item.label],
+        "class": opts.class_names[item.label] if labelled else None,
         "width": width,
         "height": height,
     }
     if item.extra:
         meta["extra"] = item.extra
     text = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    members = [
-        (ext, payload),
-        ("cls", str(item.label).encode("ascii")),
-        ("json", text.encode("utf-8")),
-    ]
+    members = [(ext, payload)]
+    if labelled:
+        members.append((LABEL_EXT, str(item.label).encode("ascii")))
+    members += kept  # byte for byte, under their own names (captions, the source's .json)
+    taken = {e.lower() for e, _ in kept}
+    members.append((META_EXT if META_EXT not in taken else OWN_META_EXT, text.encode("utf-8")))
     return pos, item.label, sample_chunk(f"{pos:010d}", members, file_ref=file_ref)
 
 

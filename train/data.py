@@ -10,8 +10,17 @@ from train.config import DataConfig
 
 
 def dataset_classes(url: str) -> dict[str, int]:
-    """Class name -> label recorded in the dataset's manifest (ManifestError if it has none)."""
-    return dict(read_manifest(url).classes)
+    """Class name -> label recorded in the dataset's manifest (ManifestError if it has none);
+    an unlabelled dataset (image-text, self-supervised) cannot train a classifier."""
+    manifest = read_manifest(url)
+    if not manifest.labelled:
+        raise ValueError(
+            f"{url} is unlabelled (packed or adopted with --unlabelled): the trainer trains "
+            "classifiers and needs labels (--label cls, --label json:FIELD, or a class list)"
+        )
+    if not manifest.classes:
+        raise ValueError(f"{url} has no classes: it holds {manifest.samples} samples")
+    return dict(manifest.classes)
 
 
 def check_same_classes(

@@ -18,6 +18,10 @@ from shard_tools.format.names import IMAGE_EXTS, LABEL_EXT, split_name
 from shard_tools.format.tar import RawSample, TarFormatError
 
 IDX_VERSION = "v1.2"
+# An adopted shard's samples in index order, with the label each was given when adopted
+# (from its .cls, a .json field or a class list): "labels-v1 N", then "<label>\t<key>".
+LABELS_VERSION = "labels-v1"
+LABELS_SUFFIX = ".labels"
 
 
 def index_line(members: Iterable[tuple]) -> str:
@@ -28,6 +32,27 @@ def index_line(members: Iterable[tuple]) -> str:
 def index_text(sample_lines: list[str]) -> str:
     """The whole .idx file from one line per sample."""
     return f"{IDX_VERSION} {len(sample_lines)}\n" + "".join(line + "\n" for line in sample_lines)
+
+
+def labels_text(rows: list[tuple[int, str]]) -> str:
+    """A .labels file from (label, key) per sample."""
+    return f"{LABELS_VERSION} {len(rows)}\n" + "".join(f"{label}\t{key}\n" for label, key in rows)
+
+
+def parse_labels(text: str, *, source: str = "labels") -> tuple[np.ndarray, tuple[str, ...]]:
+    """(int64 labels, keys) of a .labels file."""
+    lines = text.split("\n")
+    head = lines[0].split()
+    if len(head) != 2 or head[0] != LABELS_VERSION or not head[1].isdigit():
+        raise TarFormatError(f"{source}: unsupported header {lines[0][:40]!r}")
+    rows = [ln.split("\t", 1) for ln in lines[1:] if ln]
+    if len(rows) != int(head[1]) or any(len(r) != 2 for r in rows):
+        raise TarFormatError(f"{source} declares {head[1]} samples but lists {len(rows)}")
+    try:
+        labels = np.array([int(r[0]) for r in rows], dtype=np.int64)
+    except ValueError:
+        raise TarFormatError(f"{source}: a label is not an integer") from None
+    return labels, tuple(r[1] for r in rows)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,9 +133,14 @@ def parse_index(text: str, *, source: str = "index") -> ShardIndex:
 
 
 def slice_samples(
-    buf: bytes, buf_start: int, index: ShardIndex, indices: np.ndarray
+    buf: bytes,
+    buf_start: int,
+    index: ShardIndex,
+    indices: np.ndarray,
+    extra: tuple[str, ...] = (),
 ) -> list[RawSample]:
-    """Cut samples INDICES out of BUF, which holds tar bytes from offset BUF_START."""
+    """Cut samples INDICES out of BUF, which holds tar bytes from offset BUF_START, with
+    the members of the (lower-case) extensions EXTRA."""
     n = len(buf)
     img = index.image[indices]
     lab = index.label[indices]
@@ -126,11 +156,23 @@ def slice_samples(
     for i, (io_, isz), (lo_, lsz) in zip(indices.tolist(), img.tolist(), lab.tolist(), strict=True):
         a = io_ - buf_start
         b = lo_ - buf_start
+        more = None
+        if extra:
+            more = {}
+            for ext, off, size, _ in index.members[i]:
+                if ext.lower() in extra:
+                    lo = off - buf_start
+                    if lo < 0 or lo + size > n:
+                        raise TarFormatError(
+                            "a member lies outside the bytes read (truncated shard?)"
+                        )
+                    more[ext.lower()] = buf[lo : lo + size]
         out.append(
             RawSample(
                 keys[i],
                 buf[a : a + isz] if io_ >= 0 else None,
                 buf[b : b + lsz] if lo_ >= 0 else None,
+                more,
             )
         )
     return out

@@ -5,8 +5,16 @@ A dataset written by ``shard pack`` is a folder (local or any fsspec URL) of
 ``rejected.jsonl`` and ``manifest.json``. The manifest is written last and is
 the commit marker: a folder without one is an unfinished pack.
 
-Readers call :func:`read_manifest` and get a validated :class:`Manifest`; a
-version they do not know is refused with a message that says what to do.
+A dataset made by ``shard adopt`` references tars that stay where they are:
+its manifest (beside their ``.idx`` files) names ``base_url``, and shard names
+are paths relative to it. Its shards may lack a sha256 (``""``: adopted
+without ``--hash``) and record their size and the storage's etag, so that a
+changed tar is noticed.
+
+Format 2 added ``labelled``, ``base_url`` and per-shard ``etag``; format 1
+manifests read as they are. Readers call :func:`read_manifest` and get a
+validated :class:`Manifest`; a version they do not know is refused with a
+message that says what to do.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ import fsspec
 
 from shard_tools.format.names import MANIFEST_NAME
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 
 CREDENTIALS_HINT = (
@@ -31,6 +40,18 @@ CREDENTIALS_HINT = (
 
 class ManifestError(ValueError):
     """A manifest that is missing, malformed or of an unknown format version."""
+
+
+def _relative_path(name: str) -> bool:
+    """A path below a base URL: relative, no '..' or empty parts, no scheme."""
+    parts = name.split("/")
+    return (
+        bool(name)
+        and "://" not in name
+        and "\\" not in name
+        and not name.startswith("/")
+        and all(p not in ("", ".", "..") for p in parts)
+    )
 
 
 def _plain_name(name: str) -> bool:
@@ -55,11 +76,20 @@ class ShardInfo:
     index: str | None  # DALI index file name (None for foreign tars without one)
     first_key: str = ""
     last_key: str = ""
+    etag: str | None = None  # the storage's ETag when adopted (None: written by pack)
+    # Adopted: the .labels file beside the manifest (the samples kept and their labels).
+    labels: str | None = None
 
     def __post_init__(self) -> None:
-        for kind, name in (("shard", self.name), ("index", self.index)):
+        for kind, name in (("index", self.index), ("labels", self.labels)):
             if name is not None and not _plain_name(name):
                 raise ManifestError(f"{kind} name must be a plain file name, got {name!r}")
+        if not _relative_path(self.name):
+            # Below the dataset root (or an adopted dataset's base_url), never outside it.
+            raise ManifestError(
+                f"shard name must be a plain file name or a relative path below the dataset, "
+                f"got {self.name!r}"
+            )
         if self.samples < 0 or self.bytes < 0:
             raise ManifestError(f"shard {self.name}: negative samples or bytes")
 
@@ -76,15 +106,19 @@ class Manifest:
     class_counts: dict[str, int] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     tool_version: str = ""
+    labelled: bool = True  # False: packed or adopted --unlabelled, every label is -1
+    base_url: str | None = None  # adopted: shard names are relative to this URL
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READ_VERSIONS:
             raise ManifestError(
                 f"manifest format version {self.format_version} is not supported by this "
-                f"shardflow (it reads version {FORMAT_VERSION}); upgrade shardflow, or "
+                f"shardflow (it reads versions {READ_VERSIONS}); upgrade shardflow, or "
                 "re-pack the dataset with this version's `shard pack`"
             )
+        if not self.labelled and self.classes:
+            raise ManifestError("an unlabelled dataset lists no classes")
         if sum(s.samples for s in self.shards) != self.samples:
             raise ManifestError("manifest totals disagree: samples != sum of shard samples")
         if sum(s.bytes for s in self.shards) != self.bytes:
@@ -118,10 +152,10 @@ class Manifest:
         if not isinstance(data, dict):
             raise ManifestError(f"{source} must hold a JSON object")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             raise ManifestError(
-                f"{source} has format version {version!r}; this shardflow reads version "
-                f"{FORMAT_VERSION}: upgrade shardflow or re-pack the dataset"
+                f"{source} has format version {version!r}; this shardflow reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))}: upgrade shardflow or re-pack the dataset"
             )
         try:
             shards = tuple(ShardInfo(**s) for s in data.pop("shards"))
@@ -155,6 +189,12 @@ def check_url(url: str, what: str) -> None:
         )
 
 
+def options_for(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Storage options apply to remote URLs only (a local path takes none)."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    return dict(storage_options or {}) if protocol not in ("file", "local") else {}
+
+
 def join_url(root: str, name: str) -> str:
     """Join a dataset root (local path or URL) and a member name."""
     return root.rstrip("/") + "/" + name
@@ -163,15 +203,35 @@ def join_url(root: str, name: str) -> str:
 def read_manifest(root: str, storage_options: dict[str, Any] | None = None) -> Manifest:
     """Load and validate ``ROOT/manifest.json``; raise ManifestError with the reason."""
     url = join_url(root, MANIFEST_NAME)
+    opts = options_for(url, storage_options)
     try:
-        with fsspec.open(url, "rt", **(storage_options or {})) as f:
+        with fsspec.open(url, "rt", **opts) as f:
             text = f.read()
     except FileNotFoundError:
         raise ManifestError(
-            f"no {MANIFEST_NAME} under {root}: not a shardflow dataset, or its pack did "
-            "not finish (run `shard pack ... --resume` to complete it)"
+            f"no {MANIFEST_NAME} under {root}: {_what_is_there(root, opts)}"
         ) from None
     except PermissionError as exc:
         # Object stores answer a wrong secret with a bare "Forbidden": say what was read.
         raise ManifestError(f"access denied reading {url} ({exc}): {CREDENTIALS_HINT}") from None
     return Manifest.from_json(text, source=url)
+
+
+def _what_is_there(root: str, opts: dict[str, Any]) -> str:
+    """What a folder without a manifest holds, and the command that makes it a dataset."""
+    from shard_tools.format.names import is_tar_name
+
+    try:
+        fs, path = fsspec.core.url_to_fs(root, **opts)
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except (OSError, ValueError):
+        names = []
+    if ".journal" in names:
+        return "its pack did not finish (run the same `shard pack ... --resume` to complete it)"
+    tars = [n for n in names if is_tar_name(n)]
+    if tars:
+        return (
+            f"it holds {len(tars)} tar(s) but is not a shardflow dataset; to read them as they "
+            f"are: shard adopt '{root.rstrip('/')}/*.tar' --manifest-to DEST (then use DEST)"
+        )
+    return "not a shardflow dataset (shard pack writes one; shard adopt makes one of existing tars)"

@@ -18,6 +18,9 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 INPUT_IMAGE_EXTS = (*IMAGE_EXTS, "bmp", "gif", "tif", "tiff", "ppm", "pgm", "jp2")
 LABEL_EXT = "cls"
 META_EXT = "json"
+# shard pack's metadata member when a re-packed sample brings a .json of its own
+# (kept byte for byte): the key's "shardflow.json".
+OWN_META_EXT = "shardflow.json"
 
 SHARD_PATTERN = "shard-{index:06d}.tar"
 INDEX_SUFFIX = ".idx"
@@ -59,13 +62,21 @@ def shard_name(number: int) -> str:
     return SHARD_PATTERN.format(index=number)
 
 
+TAR_SUFFIXES = (".tar",)
+COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz")
+
+
+def is_tar_name(name: str) -> bool:
+    """A webdataset shard by its name: ``.tar``, or gzip-compressed ``.tar.gz`` / ``.tgz``."""
+    return name.lower().endswith(TAR_SUFFIXES + COMPRESSED_TAR_SUFFIXES)
+
+
+def is_compressed_tar(name: str) -> bool:
+    return name.lower().endswith(COMPRESSED_TAR_SUFFIXES)
+
+
 def index_name(shard: str) -> str:
-    """The ``.idx`` that ``shard pack`` writes beside SHARD (``shard-000001.tar`` -> ``.idx``)."""
-    return shard[: -len(".tar")] + INDEX_SUFFIX if shard.endswith(".tar") else shard + INDEX_SUFFIX
-
-
-def wds2idx_index_name(tar_name: str) -> str:
-    """The index name DALI's ``wds2idx`` derives: the tar's base name up to its first dot."""
-    base = tar_name.rsplit("/", 1)[-1]
-    dot = base.find(".", 1)
-    return (base[:dot] if dot > 0 else base) + INDEX_SUFFIX
+    """The ``.idx`` beside SHARD: its base name without ``.tar`` (``a.train.00001.tar`` ->
+    ``a.train.00001.idx``), so shards whose names share a first part never share an index."""
+    base = shard.rsplit("/", 1)[-1]
+    return (base[: -len(".tar")] if base.lower().endswith(".tar") else base) + INDEX_SUFFIX

@@ -170,12 +170,14 @@ def iter_tar(data: bytes) -> Iterator[tuple[str, int, bytes]]:
 @dataclass(frozen=True, slots=True)
 class RawSample:
     """What the loader needs of one sample: its key, the bytes of its image member
-    (the first of jpg/jpeg/png/webp) and of its ``.cls`` label (None if absent).
-    Other members (``.json``) are not read into memory."""
+    (the first of jpg/jpeg/png/webp) and its label: the ``.cls`` bytes, an int an
+    adopted dataset's ``.labels`` gave, or None. EXTRA: the members a loader asked
+    for by extension (``txt``, ``json``), absent ones left out; nothing else is read."""
 
     key: str
     image: bytes | None
-    label: bytes | None
+    label: bytes | int | None
+    extra: dict[str, bytes] | None = None
 
 
 def pick(members: dict[str, bytes]) -> tuple[bytes | None, bytes | None]:
@@ -185,8 +187,9 @@ def pick(members: dict[str, bytes]) -> tuple[bytes | None, bytes | None]:
     return (members[ext] if ext is not None else None), label
 
 
-def tar_samples(data: bytes) -> list[RawSample]:
-    """All samples of a complete tar, in file order (members grouped by key)."""
+def tar_samples(data: bytes, extra: tuple[str, ...] = ()) -> list[RawSample]:
+    """All samples of a complete tar, in file order (members grouped by key), with the
+    members of the (lower-case) extensions EXTRA."""
     grouped: list[tuple[str, dict[str, bytes]]] = []
     for name, _, payload in iter_tar(data):
         key, ext = split_name(name)
@@ -196,7 +199,11 @@ def tar_samples(data: bytes) -> list[RawSample]:
             grouped[-1][1][ext] = payload
         else:
             grouped.append((key, {ext: payload}))
-    return [RawSample(key, *pick(members)) for key, members in grouped]
+    out = []
+    for key, members in grouped:
+        more = {e.lower(): v for e, v in members.items() if e.lower() in extra} if extra else None
+        out.append(RawSample(key, *pick(members), more))
+    return out
 
 
 class Member(NamedTuple):
@@ -214,14 +221,17 @@ def scan_samples(
     *,
     read: Callable[[str], bool] = lambda ext: False,
     check: Callable[[tarfile.TarInfo], None] | None = None,
+    seekable: bool = False,
 ) -> Iterator[tuple[str, list[Member]]]:
-    """Yield (key, members) per sample of the tar in FILEOBJ, streaming it once.
+    """Yield (key, members) per sample of the tar in FILEOBJ, reading it once, in order.
 
     Only regular files count; names without a key (``.hidden``, ``dir/``) are
     skipped. Member data is read (and returned) only where ``read(ext)`` is
     true. CHECK sees every member first and may raise to refuse the tar.
+    SEEKABLE (a local file): seek past the data of members not read, so only
+    headers are read.
     """
-    with tarfile.open(fileobj=fileobj, mode="r|") as tf:
+    with tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|") as tf:
         key: str | None = None
         members: list[Member] = []
         for m in tf:

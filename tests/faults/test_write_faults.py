@@ -134,7 +134,19 @@ def test_bad_images_are_counted_rejected_and_never_crash(tmp_path, figures):
         # Root that cannot shed its capabilities reads mode-000 files: they are packed.
         kinds["unreadable_mode_000"] = (_unreadable, True, "")
     proc = run_shard(
-        ["pack", src, dest, "--workers", "2", "--max-count", "8", "--json"], prefix=prefix or ()
+        [
+            "pack",
+            src,
+            dest,
+            "--workers",
+            "2",
+            "--max-count",
+            "8",
+            "--json",
+            "--max-reject-fraction",
+            "1",
+        ],
+        prefix=prefix or (),  # fmt: skip
     )
     crashed_run = proc.returncode != 0 or "Traceback" in proc.stderr
     rejected = read_rejected(dest) if not crashed_run else {}

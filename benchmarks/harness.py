@@ -196,10 +196,16 @@ def markdown_table(measurements: list[Measurement]) -> str:
             if m.baseline is None
             else "-"
         )
+        fmt = _figure if m.unit == "s" else (lambda v: f"{v:,.1f}")
         lines.append(
-            f"| {m.name} | {s['median']:,.1f} | {s['min']:,.1f} | {s['max']:,.1f} | {m.unit} | {vs} |"
+            f"| {m.name} | {fmt(s['median'])} | {fmt(s['min'])} | {fmt(s['max'])} | {m.unit} | {vs} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _figure(value: float) -> str:
+    """Three significant digits (seconds from milliseconds to minutes)."""
+    return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
 def result_stem(suite: str, env: dict[str, Any]) -> str:

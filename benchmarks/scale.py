@@ -94,7 +94,15 @@ def probe(root: str) -> dict[str, float]:
     """In this (fresh) process: seconds to the first batch and the loader's RSS growth."""
     import gc
 
-    from pipeline import LoaderConfig, World, build_loader
+    import torchvision.io  # noqa: F401  (imported before the clock: not the loader's cost)
+    import torchvision.transforms.v2  # noqa: F401
+
+    from pipeline import (
+        LoaderConfig,
+        World,
+        build_loader,
+        torch_backend,  # noqa: F401
+    )
 
     cfg = LoaderConfig(data=root, backend="torch", num_workers=0, batch_size=32, image_size=8,
                        recipe="small", seed=0)  # fmt: skip
@@ -235,12 +243,13 @@ def _plans(samples, repeats: int) -> list[Measurement]:
             name = f"plan/{total:.0e}-samples/{kind}"
             ref_name = None
             if total <= 10**7:  # the loop of earlier versions, in the same run
-                fast = order_mod.shuffle_buffer_order
+                fast = order_mod.shuffle_buffer_order, order_mod._remaining_stream
                 order_mod.shuffle_buffer_order = order_mod._reference_shuffle_buffer_order
+                order_mod._remaining_stream = order_mod._reference_remaining_stream
                 try:
                     ref = [run() for _ in range(max(1, repeats // 2))]
                 finally:
-                    order_mod.shuffle_buffer_order = fast
+                    order_mod.shuffle_buffer_order, order_mod._remaining_stream = fast
                 ref_name = f"{name}/one-at-a-time"
                 out.append(_value(ref_name, "s", ref, samples=total))
             out.append(_value(name, "s", secs, ref_name, samples=total, world_size=PLAN_WORLD))

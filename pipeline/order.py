@@ -235,6 +235,20 @@ def _remaining_stream(
     return out
 
 
+def _reference_remaining_stream(
+    split: Split, consumed: int, *, seed: int, epoch: int, generation: int, buffer: int
+) -> list[Segment]:
+    """_remaining_stream as earlier versions computed it, from every old rank's whole order
+    (the tests check that both give the same samples; the scale benchmark times both)."""
+    out: list[Segment] = []
+    for r, segs in enumerate(split.ranks):
+        ro = rank_order(segs, seed=seed, epoch=epoch, generation=generation, rank=r, buffer=buffer)
+        left = np.sort(ro.order[consumed:])
+        left = left[~ro.pad[left]]
+        out.extend(coalesce(ro.shard[left], ro.index[left]))
+    return out
+
+
 def plan_rank(
     sizes: Sequence[int],
     *,

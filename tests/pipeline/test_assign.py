@@ -215,3 +215,40 @@ def test_expand_matches_segments():
     shard, index, _ = expand(parts[0].segments)
     assert len(shard) == parts[0].per_rank
     assert np.all(index >= 0)
+
+
+@pytest.mark.parametrize(("n", "buffer"), [(0, 5), (1, 5), (5, 5), (6, 5), (37, 7), (1000, 1),
+                                           (1000, 4096), (5000, 4096), (60000, 4096), (3000, 70000)])  # fmt: skip
+def test_the_vectorised_shuffle_buffer_is_the_one_input_at_a_time_buffer(n, buffer):
+    from pipeline.order import (
+        _reference_shuffle_buffer_order,
+        pending_positions,
+        shuffle_buffer_order,
+    )
+
+    for seed in (0, 1):
+        order = shuffle_buffer_order(n, buffer, np.random.default_rng(seed))
+        assert np.array_equal(
+            order, _reference_shuffle_buffer_order(n, buffer, np.random.default_rng(seed))
+        )
+        size = min(buffer, n)
+        for consumed in sorted({0, 1, n // 3, max(0, n - size), max(0, n - size) + 1, n}):
+            want = np.sort(order[consumed:])
+            assert np.array_equal(
+                pending_positions(n, consumed, buffer, np.random.default_rng(seed)), want
+            )
+
+
+@pytest.mark.parametrize("policy", ["pad", "drop"])
+def test_the_remaining_stream_is_what_the_whole_orders_leave(policy):
+    from pipeline.assign import split_stream
+    from pipeline.order import _reference_remaining_stream, _remaining_stream
+
+    sizes = [370, 120, 501, 213, 88]
+    for world, batch, buffer in ((4, 3, 64), (3, 5, 1), (2, 7, 4096)):
+        split = split_stream(epoch_stream(sizes, 2, 9), world, batch, policy)
+        for k in (0, 1, split.steps // 2, split.steps):
+            kw = dict(seed=9, epoch=2, generation=0, buffer=buffer)
+            a = expand(_remaining_stream(split, k * batch, **kw))
+            b = expand(_reference_remaining_stream(split, k * batch, **kw))
+            assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))

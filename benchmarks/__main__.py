@@ -28,9 +28,10 @@ SUITES = {
     "train": "benchmarks.train_step",
     "e2e": "benchmarks.e2e",
     "scale": "benchmarks.scale",
+    "feed": "benchmarks.feed",
     "gpu": "benchmarks.gpu_suite",
 }
-IN_ALL = ("shard-write", "pipeline", "train", "e2e", "scale")
+IN_ALL = ("shard-write", "pipeline", "train", "e2e", "scale", "feed")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 

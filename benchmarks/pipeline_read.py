@@ -169,7 +169,7 @@ def _reader_only(cfg, epochs: int):
         for _ in range(epochs):
             loader.set_epoch(state["epoch"])
             state["epoch"] += 1
-            job = Job(cfg=cfg, world=loader.world, epoch=loader.epoch, plan=loader.plan(), start=0,
+            job = Job(cfg=loader.cfg, world=loader.world, epoch=loader.epoch, plan=loader.plan(), start=0,
                       dataset=loader.dataset, device=loader.device)  # fmt: skip
             for enc in encoded_batches(job):
                 done += len(enc.keys)

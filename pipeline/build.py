@@ -34,6 +34,7 @@ def resolve_device(cfg: LoaderConfig, world: World) -> torch.device:
 def build_loader(cfg: LoaderConfig, world: World | None = None) -> Loader:
     """The loader for CFG as seen by WORLD (default: from the environment)."""
     world = world or World.from_env()
+    cfg = cfg.parallelism(world.local_world_size)
     device = resolve_device(cfg, world)
     dataset = None
     if cfg.data is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +14,7 @@ REMAINDER_POLICIES = ("pad", "drop")
 RECIPES = ("imagenet", "small")
 DTYPES = ("float32", "float16", "bfloat16")
 CACHES = ("none", "device")
+READERS = ("auto", "process", "thread")
 IMAGE_OR_LABEL = ("jpg", "jpeg", "png", "webp", "cls")
 
 
@@ -74,18 +77,24 @@ class LoaderConfig:
 
     # parallelism
     num_workers: int = 2  # torch backend: decode processes (0 = decode in this process)
-    num_threads: int = 2  # DALI: CPU threads of the pipeline
+    # DALI: CPU threads of the pipeline; None: from the cores this rank has (parallelism())
+    num_threads: int | None = None
     # dali-gpu: the share of JPEG decoding given to the GPU's hardware JPEG decoder
     # (A100/H100/H200), the rest going to CUDA cores; None = DALI's default (0.65).
     hw_decoder_load: float | None = None
-    prefetch: int = 2  # batches decoded ahead of the one being consumed
+    prefetch: int | None = None  # batches decoded ahead of the one being consumed (None: auto)
+    # Where the shard reader runs for the DALI backends: "process" (its own, so that it
+    # never takes the GIL from the training loop), "thread" (this one), "auto" (process).
+    reader: str = "auto"
 
     # storage
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
     retries: int = 3  # extra attempts per read before failing
     retry_backoff_s: float = 0.5  # first wait; doubles each attempt
-    read_ahead: int = 2  # read units fetched in background threads ahead of use
-    max_read_mb: int = 64  # upper bound of one ranged read (bounds memory per read unit)
+    read_ahead: int | None = None  # read units fetched in background threads (None: auto)
+    # Upper bound of one ranged read: object stores stream best at 8-16 MiB per request
+    # with several in flight; it also bounds the memory of a read unit.
+    max_read_mb: int = 16
 
     # small-image mode: decode the dataset once into a uint8 tensor on the device
     cache: str = "none"
@@ -143,10 +152,16 @@ class LoaderConfig:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("num_workers", "retries", "read_ahead"):
+        if self.reader not in READERS:
+            raise ValueError(f"reader must be one of {', '.join(READERS)}, got {self.reader!r}")
+        for name in ("num_workers", "retries") + (
+            ("read_ahead",) if self.read_ahead is not None else ()
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("num_threads", "prefetch", "max_read_mb"):
+        for name in ("max_read_mb",) + tuple(
+            n for n in ("num_threads", "prefetch") if getattr(self, n) is not None
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.hw_decoder_load is not None and not 0 <= self.hw_decoder_load <= 1:
@@ -185,6 +200,27 @@ class LoaderConfig:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.synthetic_samples < 1:
             raise ValueError(f"synthetic_samples must be >= 1, got {self.synthetic_samples}")
+
+    def parallelism(self, local_world_size: int = 1, cores: int | None = None) -> LoaderConfig:
+        """This config with ``num_threads``, ``prefetch``, ``read_ahead`` and ``reader``
+        decided where they were left to the loader: from the cores per local rank on a
+        GPU (a node's cores shared by its GPUs' ranks), the small CPU defaults otherwise."""
+        if cores is None:
+            cores = (
+                len(os.sched_getaffinity(0))
+                if hasattr(os, "sched_getaffinity")
+                else os.cpu_count() or 1
+            )
+        per_rank = max(1, cores // max(1, local_world_size))
+        gpu = self.backend == "dali-gpu"
+        auto = {
+            # The training thread and the reader process each keep a core of their own.
+            "num_threads": max(2, per_rank - 2) if gpu else 2,
+            "prefetch": 3 if gpu else 2,
+            "read_ahead": min(8, max(2, per_rank // 2)) if gpu else 2,
+        }
+        chosen = {k: v for k, v in auto.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **chosen) if chosen else self
 
     @property
     def shuffling(self) -> bool:

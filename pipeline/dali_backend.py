@@ -1,28 +1,43 @@
-"""DALI backends (dali-cpu, dali-gpu): our shard reader feeds fn.external_source.
+"""DALI backends (dali-cpu, dali-gpu): our shard reader feeds one DALI pipeline.
 
-DALI's own S3 reading issues one ranged GET per tar member (~100 samples/s on
-a loopback server); feeding encoded bytes from :mod:`pipeline.reader` keeps
-large sequential reads, the exact planned order (resume, accounting) and the
-corrupt-sample checks, and leaves DALI the decode and augmentation.
+How the feed is laid out, per loader:
 
-One DALI pipeline is built per iteration (milliseconds), seeded from
-(seed, epoch, rank, generation, start step). Outputs reach torch through DLPack without a copy (DALI's default dynamic
-executor never recycles an output that is still referenced); the NHWC batch
-is the channels_last layout of the NCHW view handed out.
+- the shard reader (:mod:`pipeline.reader`: ranged reads, the planned order, byte
+  checks, corrupt-sample replacement, retries) runs in a process of its own
+  (:mod:`pipeline.readerproc`), which also draws each sample's augmentation
+  (:mod:`pipeline.augment`) and hands batches over through shared memory; with
+  ``reader="thread"`` it runs in threads of this process instead;
+- one DALI pipeline, built once and kept for every epoch and resume, is fed those
+  bytes and parameters explicitly by a feeder thread, which runs ``prefetch``
+  batches ahead, copies the labels to the device from pinned memory and queues
+  finished batches;
+- the training thread only takes finished batches from that queue.
+
+DALI draws nothing (the parameters come with the bytes), so a resumed run gets
+the pixels the uninterrupted one would have. A decoder error does not rebuild
+the pipeline either: the images of the failed batch are decoded one by one by
+the same pipeline (the same decoder, nvJPEG/nvImageCodec on a GPU), the ones
+it rejects are replaced like corrupt samples, and the batch runs again.
+
+Outputs reach torch through DLPack without a copy (DALI's dynamic executor never
+recycles an output that is still referenced); the NHWC batch is the
+channels_last layout of the NCHW view handed out.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-from collections import deque
+import queue
+import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+from pipeline import augment
 from pipeline.batch import Batch
-from pipeline.reader import encoded_batches, extra_text, full_decode_check
+from pipeline.reader import EncodedBatch, encoded_batches, extra_text
 
 log = logging.getLogger("pipeline")
 
@@ -33,13 +48,51 @@ try:
 except ImportError as exc:  # the package works without DALI; only these backends need it
     DALI_ERROR = exc
 
+# name -> (DALI dtype name, sample ndim) of the per-sample augmentation inputs
+_PARAM_TYPES = {"crop": ("FLOAT", 1), "pad_anchor": ("FLOAT", 1), "angle": ("FLOAT", 0),
+                "offset": ("FLOAT", 1), "colour": ("FLOAT", 1), "hflip": ("INT32", 0),
+                "vflip": ("INT32", 0)}  # fmt: skip
+_END = object()
+
 
 class DaliUnavailable(RuntimeError):
     """DALI is not installed (or a GPU backend was requested without a GPU)."""
 
 
+class DecodeError(RuntimeError):
+    """Every image of a batch failed to decode: nothing valid to stand in."""
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The operator's own words from a DALI error (after the graph's traceback)."""
+    lines = [ln.strip() for ln in str(exc).splitlines()]
+    if "encountered:" in lines:
+        lines = lines[lines.index("encountered:") + 1 :]
+    said = [ln for ln in lines if ln and "pipeline object is no longer valid" not in ln
+            and not ln.startswith("Critical error")]  # fmt: skip
+    text = " ".join(said).rstrip(" :")
+    return f"DALI's decoder refused it ({text})" if text else "DALI's decoder refused it"
+
+
+def feed_batches(cfg, job) -> Iterator[tuple[EncodedBatch, augment.BatchParams | None]]:
+    """Encoded batches of JOB with their augmentation, read in threads of this process."""
+    source = encoded_batches(job)
+    try:
+        for enc in source:
+            yield enc, augment.draw(cfg, enc.keys, job.epoch, enc.width, enc.height)
+    finally:
+        source.close()
+
+
 class DaliBackend:
     """Decode + augment with DALI on the CPU or the GPU (``cfg.backend``)."""
+
+    builds = 0  # DALI pipelines built in this process (one per loader: the tests count them)
 
     def __init__(self, cfg, world, device: torch.device) -> None:
         if DALI_ERROR is not None:
@@ -47,108 +100,181 @@ class DaliBackend:
                 f"backend {cfg.backend!r} needs NVIDIA DALI ({DALI_ERROR}); install it with "
                 "pip install -e '.[dali]' or use backend='torch'"
             )
+        from pipeline.dali_graph import params_used
+
         self.cfg = cfg
         self.world = world
         self.device = device
         self.dali_device = "gpu" if cfg.backend == "dali-gpu" else "cpu"
         self.dtype = getattr(torch, cfg.dtype)
+        self.params = params_used(cfg)
+        self._pipe = None
+        self._reader = None  # pipeline.readerproc.ReaderProcess, started with the first epoch
+        self._threaded = False  # decided once: the reader runs in threads of this process
+        self.build_s = 0.0
 
-    def _pipeline(self, source, seed: int):
+    # -- the pipeline, built once ------------------------------------------------------
+    def pipeline(self):
+        if self._pipe is not None:
+            return self._pipe
         from pipeline.dali_graph import build_graph
 
+        t = time.perf_counter()
         gpu = self.dali_device == "gpu"
-        device_id = (self.device.index or 0) if gpu else None
         pipe = Pipeline(
             batch_size=self.cfg.batch_size,
             num_threads=self.cfg.num_threads,
-            device_id=device_id,
-            seed=seed & 0x7FFFFFFF,
-            prefetch_queue_depth=self.cfg.prefetch,
+            device_id=(self.device.index or 0) if gpu else None,
+            # Fed explicitly, one batch per run: the feeder thread is what runs ahead.
+            prefetch_queue_depth=1,
+            exec_dynamic=True,
         )
         with pipe:
-            encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8, ndim=1)
-            pipe.set_outputs(build_graph(encoded, self.cfg, self.dali_device))
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            nodes = {}
+            for name in self.params:
+                dtype, ndim = _PARAM_TYPES[name]
+                nodes[name] = fn.external_source(name=name, dtype=getattr(types, dtype), ndim=ndim)
+            pipe.set_outputs(build_graph(encoded, self.cfg, self.dali_device, nodes))
         pipe.build()
+        self._pipe = pipe
+        DaliBackend.builds += 1
+        self.build_s = time.perf_counter() - t
         return pipe
 
-    def _to_torch(self, out, dynamic: bool) -> torch.Tensor:
-        if dynamic and out.is_dense_tensor():
-            # DALI's dynamic executor (its default) allocates every output afresh and
-            # never recycles memory that is still referenced; the DLPack capsule keeps
-            # the TensorList alive, so the zero-copy view stays valid after later runs
-            # (tests/pipeline/test_loader.py checks it).
-            nhwc = torch.from_dlpack(out.as_tensor())
-        else:
-            # Other executors reuse output buffers on the next run: copy out once.
-            shape = (len(out), *out.shape()[0])
-            dali_dtype = torch.float16 if self.cfg.dtype == "float16" else torch.float32
-            gpu = self.dali_device == "gpu"
-            nhwc = torch.empty(shape, dtype=dali_dtype, device=self.device if gpu else "cpu")
-            ptr = ctypes.c_void_p(nhwc.data_ptr())
-            if gpu:
-                out.copy_to_external(
-                    ptr, torch.cuda.current_stream(self.device).cuda_stream, non_blocking=True
-                )
-            else:
-                out.copy_to_external(ptr)
+    def _feed(self, enc: EncodedBatch, params: augment.BatchParams | None, rows=None) -> None:
+        pipe = self._pipe
+        images = enc.images if rows is None else [enc.images[i] for i in rows]
+        pipe.feed_input("encoded", [np.frombuffer(img, dtype=np.uint8) for img in images])
+        for name in self.params:
+            values = getattr(params, name)
+            pipe.feed_input(name, values if rows is None else values[rows])
+
+    def _decode(self, enc: EncodedBatch, params):
+        """Run the pipeline on ENC; survive images the decoder rejects (see the module doc)."""
+        self._feed(enc, params)
+        try:
+            (out,) = self._pipe.run()
+            return enc, out
+        except RuntimeError as exc:
+            reason = _reason(exc)
+        bad = []
+        for i in range(len(enc.keys)):  # which images: the same decoder, one at a time
+            self._feed(enc, params, rows=[i])
+            try:
+                self._pipe.run()
+            except RuntimeError:
+                bad.append(i)
+        good = next((i for i in range(len(enc.keys)) if i not in bad), None)
+        if good is None:
+            raise DecodeError(f"no image of batch {enc.step} can be decoded ({reason}): {enc.keys}")
+        if not bad:
+            raise RuntimeError(
+                f"DALI failed on batch {enc.step} but on none of its images alone: {reason}"
+            )
+        enc = enc.replaced(bad, good, reason)
+        if params is not None:
+            index = np.arange(len(enc.keys))
+            index[bad] = good
+            params = params.rows(index)
+        self._feed(enc, params)
+        (out,) = self._pipe.run()
+        return enc, out
+
+    def _to_torch(self, out) -> torch.Tensor:
+        # DALI's dynamic executor allocates every output afresh and never recycles memory
+        # that is still referenced; the DLPack capsule keeps the TensorList alive, so the
+        # zero-copy view stays valid after later runs (tests/pipeline/test_loader.py checks).
+        nhwc = torch.from_dlpack(out.as_tensor())
         nchw = nhwc.permute(0, 3, 1, 2)  # NHWC memory == NCHW in channels_last format
         return nchw.to(self.device, self.dtype, non_blocking=True)
 
+    def _labels(self, labels: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(labels)
+        if self.device.type == "cuda":
+            t = t.pin_memory()  # the copy to the GPU is then asynchronous
+        return t.to(self.device, non_blocking=True)
+
+    def _batch(self, enc, params) -> Batch:
+        enc, out = self._decode(enc, params)
+        return Batch(self._to_torch(out), self._labels(enc.labels), enc.keys, enc.skipped,
+                     extra_text(enc.extra, self.cfg.extra_members))  # fmt: skip
+
+    # -- epochs ------------------------------------------------------------------------
+    def _use_process(self) -> bool:
+        if self.cfg.reader == "thread" or self.cfg.data is None or self._threaded:
+            return False
+        from pipeline.mainguard import unguarded_top_level_line
+
+        unguarded = unguarded_top_level_line()
+        if unguarded is None:
+            return True
+        script, line = unguarded
+        if self.cfg.reader == "process":
+            from pipeline.torch_backend import WorkerStartError
+
+            raise WorkerStartError(
+                f"{script}:{line} iterates a loader with reader='process' from top-level "
+                "code: the reader process starts by importing the script, which would run "
+                'that code again. Put that code under `if __name__ == "__main__":`, or use '
+                "reader='thread'"
+            )
+        log.warning("%s:%d iterates the loader from top-level code, so the shard reader runs "
+                    "in threads of this process (a process of its own needs the code under "
+                    '`if __name__ == "__main__":`)', script, line)  # fmt: skip
+        self._threaded = True
+        return False
+
+    def _source(self, job):
+        if self._reader is None and self._use_process():
+            from pipeline.readerproc import ReaderProcess
+
+            self._reader = ReaderProcess(self.cfg, slots=max(2, self.cfg.prefetch + 1))
+        if self._reader is not None:
+            return self._reader.batches(job)
+        return feed_batches(self.cfg, job)
+
     def batches(self, job) -> Iterator[Batch]:
-        source = encoded_batches(job)
-        in_flight: deque = deque()  # batches fed to DALI whose outputs are not out yet
-        replay: deque = deque()  # checked batches to feed again after a decoder error
+        self.pipeline()
+        source = self._source(job)
+        ready: queue.Queue = queue.Queue(maxsize=max(1, self.cfg.prefetch))
+        stop = threading.Event()
 
-        reader_errors: list[BaseException] = []
-
-        def feed():
-            try:
-                enc = replay.popleft() if replay else next(source)
-            except StopIteration:  # ends DALI's epoch
-                raise
-            except Exception as exc:  # DALI would wrap it; keep the reader's own message
-                reader_errors.append(exc)
-                raise
-            in_flight.append(enc)
-            return [np.frombuffer(img, dtype=np.uint8) for img in enc.images]
-
-        step = job.start
-        failed_at = -1
-        pipe = self._pipeline(feed, job.seed_for(step))
-        try:
-            while step < job.plan.steps:
+        def put(item) -> bool:
+            while not stop.is_set():
                 try:
-                    (out,) = pipe.run()
-                except (RuntimeError, StopIteration) as exc:
-                    if reader_errors:  # a shard could not be read: not a decoding problem
-                        raise reader_errors[0] from None
-                    if isinstance(exc, StopIteration):
-                        raise RuntimeError(f"DALI ended the epoch early, at step {step}") from None
-                    # A decoder error poisons the whole pipeline. Rebuild it and feed the
-                    # batches that were in flight again, after a full decode check that
-                    # swaps out the undecodable images; a second error at the same step
-                    # means something else is wrong.
-                    if failed_at == step:
-                        raise
-                    failed_at = step
-                    log.warning("DALI failed at step %d (%s); checking the batches in flight",
-                                step, str(exc).strip().splitlines()[-1])  # fmt: skip
-                    pipe = None
-                    redo = [full_decode_check(enc) for enc in in_flight] + list(replay)
-                    in_flight.clear()
-                    replay.clear()
-                    replay.extend(redo)
-                    pipe = self._pipeline(feed, job.seed_for(step))
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
                     continue
-                images = self._to_torch(out, pipe.exec_dynamic)
-                enc = in_flight.popleft()
-                labels = torch.from_numpy(enc.labels).to(self.device, non_blocking=True)
-                yield Batch(images, labels, enc.keys, enc.skipped,
-                            extra_text(enc.extra, self.cfg.extra_members))  # fmt: skip
-                step += 1
+            return False
+
+        def feeder() -> None:
+            try:
+                for enc, params in source:
+                    if not put(self._batch(enc, params)):
+                        return
+                put(_END)
+            except BaseException as exc:  # the training thread re-raises it
+                put(_Failure(exc))
+
+        thread = threading.Thread(target=feeder, name="dali-feeder", daemon=True)
+        thread.start()
+        try:
+            for _ in range(job.start, job.plan.steps):
+                item = ready.get()
+                if isinstance(item, _Failure):
+                    raise item.exc
+                if item is _END:
+                    raise RuntimeError("the DALI feed ended before the epoch did")
+                yield item
         finally:
-            pipe = None
+            stop.set()
+            thread.join()
             source.close()
 
     def close(self) -> None:
-        pass
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        self._pipe = None

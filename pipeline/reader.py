@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.sanity import check_image
+from pipeline.sanity import inspect_image
 from shard_tools.format import RawSample
 
 log = logging.getLogger("pipeline")
@@ -38,6 +38,8 @@ class Sample:
     label: int
     problem: str | None
     extra: dict[str, bytes] | None = None
+    width: int = 0  # from the image's header (a random resized crop needs it)
+    height: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +52,26 @@ class EncodedBatch:
     labels: np.ndarray  # int64 [B]
     skipped: tuple[str, ...]
     extra: list[dict[str, bytes] | None] | None = None  # per sample (extra_members)
+    width: np.ndarray | None = None  # int32 [B], from each image's header
+    height: np.ndarray | None = None
+
+    def replaced(self, bad: list[int], good: int, reason: str) -> EncodedBatch:
+        """This batch with rows BAD standing in for by row GOOD (images that failed to
+        decode), their keys reported as skipped."""
+        keys, images, labels = list(self.keys), list(self.images), self.labels.copy()
+        extra = list(self.extra) if self.extra is not None else None
+        width = self.width.copy() if self.width is not None else None
+        height = self.height.copy() if self.height is not None else None
+        for i in bad:
+            log.warning("skipping undecodable sample %s: %s", self.keys[i], reason)
+            keys[i], images[i], labels[i] = keys[good], images[good], labels[good]
+            if extra is not None:
+                extra[i] = extra[good]
+            if width is not None:
+                width[i], height[i] = width[good], height[good]
+        skipped = self.skipped + tuple(self.keys[i] for i in bad)
+        return EncodedBatch(step=self.step, keys=keys, images=images, labels=labels,
+                            skipped=skipped, extra=extra, width=width, height=height)  # fmt: skip
 
 
 def to_sample(raw: RawSample, labelled: bool = True) -> Sample:
@@ -70,7 +92,8 @@ def to_sample(raw: RawSample, labelled: bool = True) -> Sample:
             problem = "label (.cls) is not an integer"
     if raw.image is None:
         return Sample(raw.key, b"", label, "sample has no jpg/png/webp image", raw.extra)
-    return Sample(raw.key, raw.image, label, problem or check_image(raw.image), raw.extra)
+    bad, (width, height) = inspect_image(raw.image)
+    return Sample(raw.key, raw.image, label, problem or bad, raw.extra, width, height)
 
 
 def _units(shard: np.ndarray, positions: np.ndarray, max_samples: np.ndarray):
@@ -177,6 +200,8 @@ def _make_batch(step, samples, last_valid, ro, names) -> tuple[EncodedBatch, Sam
         labels=np.array([s.label for s in out], dtype=np.int64),
         skipped=tuple(skipped),
         extra=[s.extra for s in out],
+        width=np.array([s.width for s in out], dtype=np.int32),
+        height=np.array([s.height for s in out], dtype=np.int32),
     )
     return batch, (valid[-1] if valid else last_valid)
 
@@ -191,40 +216,3 @@ def extra_text(per_sample: list[dict[str, bytes] | None] | None, exts: tuple[str
         ext: [d[ext].decode("utf-8", "replace") if d and ext in d else None for d in rows]
         for ext in exts
     }
-
-
-def full_decode_check(enc: EncodedBatch) -> EncodedBatch:
-    """Decode every image of ENC fully; replace those that fail like corrupt ones.
-
-    Slow (a full CPU decode), so only used to recover after a decoder error.
-    """
-    import warnings
-
-    import torch
-    from torchvision.io import decode_image
-
-    bad = []
-    for i, data in enumerate(enc.images):
-        try:
-            with warnings.catch_warnings():  # torchvision 0.29 deprecation notice
-                warnings.filterwarnings("ignore", category=DeprecationWarning)
-                decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-        except RuntimeError as exc:
-            log.warning(
-                "skipping undecodable sample %s: %s", enc.keys[i], str(exc).splitlines()[-1]
-            )
-            bad.append(i)
-    if not bad:
-        return enc
-    good = next((i for i in range(len(enc.keys)) if i not in bad), None)
-    if good is None:
-        raise CorruptDataError(f"no image of batch {enc.step} can be decoded: {enc.keys}")
-    keys, images, labels = list(enc.keys), list(enc.images), enc.labels.copy()
-    extra = list(enc.extra) if enc.extra is not None else None
-    for i in bad:
-        keys[i], images[i], labels[i] = keys[good], images[good], labels[good]
-        if extra is not None:
-            extra[i] = extra[good]
-    skipped = enc.skipped + tuple(enc.keys[i] for i in bad)
-    return EncodedBatch(step=enc.step, keys=keys, images=images, labels=labels, skipped=skipped,
-                        extra=extra)  # fmt: skip

@@ -31,16 +31,20 @@ def _huffman_ok(data: bytes, pos: int, end: int) -> bool:
     return True
 
 
-def _check_jpeg(data: bytes) -> str | None:
+Dims = tuple[int, int]
+
+
+def _check_jpeg(data: bytes) -> tuple[str | None, Dims]:
     n = len(data)
     # EOI within the last bytes: a truncated file almost never ends in FFD9 by chance.
     if data.rfind(b"\xff\xd9", max(0, n - 64)) < 0:
-        return "JPEG has no end-of-image marker (truncated?)"
+        return "JPEG has no end-of-image marker (truncated?)", (0, 0)
     pos = 2
     seen_sof = False
+    dims = (0, 0)
     while pos + 4 <= n:
         if data[pos] != 0xFF:
-            return f"JPEG marker expected at byte {pos}"
+            return f"JPEG marker expected at byte {pos}", (0, 0)
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
@@ -50,62 +54,85 @@ def _check_jpeg(data: bytes) -> str | None:
             continue
         (length,) = struct.unpack_from(">H", data, pos + 2)
         if length < 2 or pos + 2 + length > n:
-            return f"JPEG segment 0x{marker:02X} at byte {pos} overruns the file"
+            return f"JPEG segment 0x{marker:02X} at byte {pos} overruns the file", (0, 0)
         if marker in _JPEG_SOF:
             if length < 8:
-                return "JPEG frame header too short"
+                return "JPEG frame header too short", (0, 0)
             height, width = struct.unpack_from(">HH", data, pos + 5)
             if height == 0 or width == 0:
-                return f"JPEG frame has zero size ({width}x{height})"
+                return f"JPEG frame has zero size ({width}x{height})", (0, 0)
             seen_sof = True
+            dims = (width, height)
         elif marker == 0xC4 and not _huffman_ok(data, pos + 4, pos + 2 + length):
-            return f"JPEG Huffman table at byte {pos} is malformed"
+            return f"JPEG Huffman table at byte {pos} is malformed", (0, 0)
         elif marker == 0xDA:  # start of scan: entropy-coded data follows
             if not seen_sof:
-                return "JPEG scan before any frame header"
+                return "JPEG scan before any frame header", (0, 0)
             if pos + 2 + length >= n - 2:
-                return "JPEG has no scan data"
-            return None
+                return "JPEG has no scan data", (0, 0)
+            return None, dims
         elif marker == 0xD9:
-            return "JPEG ends before its first scan"
+            return "JPEG ends before its first scan", (0, 0)
         pos += 2 + length
-    return "JPEG ends inside its headers"
+    return "JPEG ends inside its headers", (0, 0)
 
 
-def _check_png(data: bytes) -> str | None:
+def _check_png(data: bytes) -> tuple[str | None, Dims]:
     if len(data) < 8 + 25 + 12:
-        return "PNG too short"
+        return "PNG too short", (0, 0)
     length, ctype = struct.unpack_from(">I4s", data, 8)
     if ctype != b"IHDR" or length != 13:
-        return "PNG does not start with an IHDR chunk"
+        return "PNG does not start with an IHDR chunk", (0, 0)
     width, height = struct.unpack_from(">II", data, 16)
     if width == 0 or height == 0:
-        return f"PNG has zero size ({width}x{height})"
+        return f"PNG has zero size ({width}x{height})", (0, 0)
     if data.rfind(b"IEND", len(data) - 16) < 0:
-        return "PNG has no IEND chunk (truncated?)"
-    return None
+        return "PNG has no IEND chunk (truncated?)", (0, 0)
+    return None, (width, height)
 
 
-def _check_webp(data: bytes) -> str | None:
+def _check_webp(data: bytes) -> tuple[str | None, Dims]:
     if len(data) < 20 or data[8:12] != b"WEBP":
-        return "RIFF file is not WebP"
+        return "RIFF file is not WebP", (0, 0)
     (riff_size,) = struct.unpack_from("<I", data, 4)
     if riff_size + 8 > len(data):
-        return f"WebP declares {riff_size + 8} bytes but has {len(data)} (truncated?)"
-    if data[12:16] not in (b"VP8 ", b"VP8L", b"VP8X"):
-        return "WebP has an unknown first chunk"
-    return None
+        return f"WebP declares {riff_size + 8} bytes but has {len(data)} (truncated?)", (0, 0)
+    if len(data) < 30:
+        return "WebP too short for its frame header", (0, 0)
+    chunk = data[12:16]
+    if chunk == b"VP8 ":  # lossy: 14-bit sizes after the frame tag and start code
+        w, h = struct.unpack_from("<HH", data, 26)
+        dims = (w & 0x3FFF, h & 0x3FFF)
+    elif chunk == b"VP8L":  # lossless: 14-bit width-1 and height-1 after the signature byte
+        bits = int.from_bytes(data[21:25], "little")
+        dims = ((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+    elif chunk == b"VP8X":  # extended: 24-bit canvas width-1 and height-1
+        dims = (
+            int.from_bytes(data[24:27], "little") + 1,
+            int.from_bytes(data[27:30], "little") + 1,
+        )
+    else:
+        return "WebP has an unknown first chunk", (0, 0)
+    if 0 in dims:
+        return "WebP has zero size", (0, 0)
+    return None, dims
 
 
-def check_image(data: bytes | bytearray | memoryview) -> str | None:
-    """None if DATA looks like a complete JPEG/PNG/WebP, else the reason it does not."""
+def inspect_image(data: bytes | bytearray | memoryview) -> tuple[str | None, Dims]:
+    """(None, (width, height)) if DATA looks like a complete JPEG/PNG/WebP, else
+    (the reason it does not, (0, 0))."""
     data = bytes(data) if isinstance(data, memoryview) else data
     if len(data) < 4:
-        return f"image has only {len(data)} bytes"
+        return f"image has only {len(data)} bytes", (0, 0)
     if data[:3] == b"\xff\xd8\xff":
         return _check_jpeg(data)
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return _check_png(data)
     if data[:4] == b"RIFF":
         return _check_webp(data)
-    return "not a JPEG, PNG or WebP image (unknown magic number)"
+    return "not a JPEG, PNG or WebP image (unknown magic number)", (0, 0)
+
+
+def check_image(data: bytes | bytearray | memoryview) -> str | None:
+    """None if DATA looks like a complete JPEG/PNG/WebP, else the reason it does not."""
+    return inspect_image(data)[0]

@@ -139,6 +139,11 @@ class Dataset:
         """Reads retried after an error so far (by this object, in this process)."""
         return self._retried
 
+    def count_retries(self, n: int) -> None:
+        """Add N retries made on this dataset's behalf elsewhere (the reader process)."""
+        with self._lock:
+            self._retried += n
+
     def _path(self, name: str) -> str:
         """A file beside the manifest (.idx, .labels)."""
         return f"{self.base}/{name}"

@@ -55,15 +55,22 @@ class DataConfig:
         "(default: %(default)s)",
     )  # fmt: skip
     dali_threads: int = _opt(
-        0, "DALI backends: CPU threads per rank (default: 0 = --num-workers, at least 1)"
+        0, "DALI backends: CPU threads per rank (default: 0 = on a GPU from the cores per local "
+        "rank, on CPU --num-workers, at least 1)",
+    )  # fmt: skip
+    prefetch: int | None = _opt(
+        None, "batches decoded ahead of the one being trained on (default: 3 on a GPU, 2 on CPU)"
     )
-    prefetch: int = _opt(
-        2, "batches decoded ahead of the one being trained on (default: %(default)s)"
-    )
-    read_ahead: int = _opt(
-        2, "shard reads in flight in background threads, per rank (default: %(default)s)"
-    )
-    max_read_mb: int = _opt(64, "largest single ranged read of a shard, MiB (default: %(default)s)")
+    read_ahead: int | None = _opt(
+        None, "shard reads in flight in background threads, per rank (default: on a GPU half "
+        "the cores per local rank, 2 to 8; on CPU 2)",
+    )  # fmt: skip
+    reader: str = _opt(
+        "auto", "where the shard reader runs: process = its own (never takes the GIL from "
+        "training), thread = the training process (default: auto = process for DALI)",
+        choices=("auto", "process", "thread"),
+    )  # fmt: skip
+    max_read_mb: int = _opt(16, "largest single ranged read of a shard, MiB (default: %(default)s)")
     retries: int = _opt(3, "extra attempts of a failed shard read (default: %(default)s)")
     retry_backoff_s: float = _opt(
         0.5, "seconds before the first retry, doubling each time (default: %(default)s)"
@@ -159,7 +166,7 @@ class DataConfig:
 
     def loader_fields(self) -> dict[str, Any]:
         """The fields that map one to one onto pipeline.LoaderConfig."""
-        names = ("prefetch", "read_ahead", "max_read_mb", "retries", "retry_backoff_s",
+        names = ("prefetch", "read_ahead", "reader", "max_read_mb", "retries", "retry_backoff_s",
                  "hw_decoder_load", "dtype", "shuffle", "shuffle_buffer", "hflip", "vflip",
                  "rotate_deg", "translate", "scale", "ratio", "pad_px", "brightness", "contrast",
                  "saturation", "mean", "std", "eval_resize", "cache", "cache_max_gb",

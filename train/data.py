@@ -70,7 +70,9 @@ def loader_config(
         remainder="pad",
         recipe=recipe,
         device=str(device),
-        num_threads=dcfg.dali_threads or max(1, dcfg.num_workers),
+        # 0: the loader decides on a GPU; on CPU the torch workers' count, as before.
+        num_threads=dcfg.dali_threads
+        or (None if dcfg.backend == "dali-gpu" else max(1, dcfg.num_workers)),
         num_classes=num_classes,
         **dcfg.loader_fields(),
     )

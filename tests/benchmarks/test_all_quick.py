@@ -16,7 +16,7 @@ import pytest
 from bench_results_check import check_results, is_png
 
 REPO = Path(__file__).resolve().parents[2]
-SUITES = ("shard-write", "pipeline", "train", "e2e", "scale")
+SUITES = ("shard-write", "pipeline", "train", "e2e", "scale", "feed")
 
 
 @pytest.mark.slow

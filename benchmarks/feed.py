@@ -1,0 +1,234 @@
+"""feed: what the DALI feed costs the training thread, and what it delivers.
+
+Per dataset (the ImageNet sample at 224 px, CIFAR-10 train at 32 px, packed as
+the pipeline suite packs them), every figure beside its baseline from the same
+run, repetitions interleaved round by round:
+
+* ``dali-cpu/process`` and ``dali-cpu/thread``: our loader with the shard reader
+  in a process of its own (the default) and in threads of the training process,
+  against DALI's own ``readers.webdataset`` with the same graph and threads
+  (``dali-native-wds``, the baseline): img/s;
+* ``reader-alone``: what the reader process does per batch (ranged reads, byte
+  checks, planned order, per-sample augmentation draws) in one thread, no
+  decoding: img/s on one core;
+* ``train-thread-ms``: CPU time of the training thread per batch taken
+  (``time.thread_time`` around each ``next``), process against thread reader;
+* ``neighbour``: a training-step proxy (``--gil-ms`` of Python work holding the
+  GIL + ``--kernel-ms`` of sleep, as a GPU step releases it) fed by the loader,
+  against the same steps with no data: steps/s, the ratio is the feed's cost to
+  a training loop;
+* ``first-batch-s`` and ``builds``: seconds from ``build_loader`` to the first
+  batch, and DALI pipelines built over 3 epochs and a resume (goal: 1).
+
+On a 2-core machine the DALI threads, the reader process and the training
+thread share two cores, so the neighbour ratio there measures contention as
+much as the feed; the GPU machine's 16 cores are what its goal (>= 0.98) is for.
+"""
+
+from __future__ import annotations
+
+import time
+
+from benchmarks import data
+from benchmarks.harness import Measurement, measure
+from benchmarks.pipeline_read import _dali_native_run, _items, _load
+
+THREADS = 2
+
+
+def add_arguments(parser) -> None:
+    data.add_work_dir_argument(parser)
+    parser.add_argument("--only", default=None, help="comma-separated datasets: imagenet,cifar")
+    parser.add_argument("--gil-ms", type=float, default=4.0,
+                        help="Python work per proxy training step, GIL held (default 4)")  # fmt: skip
+    parser.add_argument("--kernel-ms", type=float, default=14.5,
+                        help="GIL-free wait per proxy training step (default 14.5)")  # fmt: skip
+
+
+def _cfg(ds: dict, reader: str):
+    from pipeline import LoaderConfig
+
+    return LoaderConfig(data=ds["root"], backend="dali-cpu", batch_size=ds["batch"],
+                        image_size=ds["image_size"], recipe=ds["recipe"], num_threads=THREADS,
+                        seed=0, reader=reader)  # fmt: skip
+
+
+def _loader_run(cfg, epochs: int, thread_ms: list[float]):
+    from pipeline import World, build_loader
+
+    loader = build_loader(cfg, World())
+    state = {"epoch": 0}
+
+    def run() -> int:
+        done = 0
+        for _ in range(epochs):
+            loader.set_epoch(state["epoch"])
+            state["epoch"] += 1
+            it = iter(loader)
+            steps = 0
+            cpu = 0.0
+            while True:
+                t = time.thread_time()
+                batch = next(it, None)
+                cpu += time.thread_time() - t
+                if batch is None:
+                    break
+                steps += 1
+                done += len(batch)
+            thread_ms.append(1e3 * cpu / max(1, steps))
+        return done
+
+    return loader, run
+
+
+def _reader_alone(cfg, epochs: int):
+    from pipeline import World, augment, build_loader
+    from pipeline.loader import Job
+    from pipeline.reader import encoded_batches
+
+    loader = build_loader(cfg, World())
+    state = {"epoch": 0}
+
+    def run() -> int:
+        done = 0
+        for _ in range(epochs):
+            loader.set_epoch(state["epoch"])
+            state["epoch"] += 1
+            job = Job(cfg=loader.cfg, world=loader.world, epoch=loader.epoch, plan=loader.plan(), start=0,
+                      dataset=loader.dataset, device=loader.device)  # fmt: skip
+            for enc in encoded_batches(job):
+                augment.draw(loader.cfg, enc.keys, job.epoch, enc.width, enc.height)
+                done += len(enc.keys)
+        return done
+
+    return loader, run
+
+
+def _busy(ms: float) -> None:
+    end = time.perf_counter() + ms / 1e3
+    x = 0
+    while time.perf_counter() < end:  # pure Python: holds the GIL like a training loop's glue
+        x += 1
+
+
+def _neighbour_run(loader, steps: int, gil_ms: float, kernel_ms: float):
+    def forever():
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            epoch += 1
+            yield from loader
+
+    batches = forever() if loader is not None else None
+
+    def run() -> int:
+        for _ in range(steps):
+            if batches is not None:
+                next(batches)
+            _busy(gil_ms)
+            time.sleep(kernel_ms / 1e3)  # the GPU's share of a step: the GIL is free
+        return steps
+
+    return run
+
+
+def _first_batch_and_builds(ds: dict) -> tuple[float, int]:
+    from pipeline import World, build_loader
+    from pipeline.dali_backend import DaliBackend
+
+    before = DaliBackend.builds
+    t = time.perf_counter()
+    with build_loader(_cfg(ds, "auto"), World()) as loader:
+        it = iter(loader)
+        next(it)
+        first = time.perf_counter() - t
+        it.close()
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            for _ in loader:
+                pass
+        state = loader.state_dict()
+        loader.load_state_dict(state)
+        list(loader)
+    return first, DaliBackend.builds - before
+
+
+def _measure_dataset(ds: dict, args, notes: dict) -> list[Measurement]:
+    name, epochs = ds["name"], ds["epochs"]
+    items = _items(ds["root"], ds["batch"], epochs)
+    base = f"dali-native-wds/{name}"
+    jobs: list[tuple[Measurement, object]] = []
+    loaders = []
+    thread_ms = {"process": [], "thread": []}
+    jobs.append((Measurement(name=base, unit="img/s", items=items), _dali_native_run(ds, epochs)))
+    for reader in ("process", "thread"):
+        loader, run = _loader_run(_cfg(ds, reader), epochs, thread_ms[reader])
+        loaders.append(loader)
+        jobs.append((Measurement(name=f"dali-cpu/{reader}/{name}", unit="img/s", items=items,
+                                 baseline=base), run))  # fmt: skip
+    loader, run = _reader_alone(_cfg(ds, "thread"), epochs)
+    loaders.append(loader)
+    jobs.append((Measurement(name=f"reader-alone/{name}", unit="img/s", items=items), run))
+    steps = max(20, len(loaders[0]))
+    nbase = f"neighbour/no-data/{name}"
+    jobs.append((Measurement(name=nbase, unit="steps/s", items=steps),
+                 _neighbour_run(None, steps, args.gil_ms, args.kernel_ms)))  # fmt: skip
+    for reader in ("process", "thread"):
+        from pipeline import World, build_loader
+
+        loader = build_loader(_cfg(ds, reader), World())
+        loaders.append(loader)
+        jobs.append((Measurement(name=f"neighbour/{reader}/{name}", unit="steps/s", items=steps,
+                                 baseline=nbase),
+                     _neighbour_run(loader, steps, args.gil_ms, args.kernel_ms)))  # fmt: skip
+    try:
+        for m, run in jobs:  # warm-up: process start, DALI init, page cache
+            measure(m.name, run, items=m.items, unit=m.unit, warmup=0, repeats=1, progress=None)
+        for reader in thread_ms:
+            thread_ms[reader].clear()
+        for r in range(args.repeats):
+            for m, run in jobs:
+                one = measure(m.name, run, items=m.items, unit=m.unit, warmup=0, repeats=1,
+                              progress=None)  # fmt: skip
+                m.seconds += one.seconds
+                print(f"  {m.name}: round {r + 1}/{args.repeats} "
+                      f"{m.items / one.seconds[0]:,.1f} {m.unit}", flush=True)  # fmt: skip
+    finally:
+        for loader in loaders:
+            loader.close()
+    out = [m for m, _ in jobs]
+    for reader, values in thread_ms.items():
+        out.append(Measurement(name=f"train-thread-ms/{reader}/{name}", unit="ms/batch",
+                               items=1, values=values,
+                               baseline=None if reader == "thread" else
+                               f"train-thread-ms/thread/{name}"))  # fmt: skip
+    firsts, builds = [], []
+    for _ in range(args.repeats):
+        first, built = _first_batch_and_builds(ds)
+        firsts.append(first)
+        builds.append(float(built))
+    out.append(Measurement(name=f"first-batch-s/{name}", unit="s", items=1, values=firsts))
+    out.append(Measurement(name=f"builds/{name}", unit="pipelines", items=1, values=builds))
+    return out
+
+
+def run(args) -> tuple[list[Measurement], dict]:
+    notes: dict = {
+        "setup": f"dali-cpu, {THREADS} DALI threads, fp32 channels_last out, train augmentation "
+        "(ImageNet: random-resized-crop 224 + flip; CIFAR: pad 4 + crop 32 + flip); DALI's own "
+        "reader with the same graph and threads is the baseline",
+        "neighbour step": f"{args.gil_ms} ms Python holding the GIL + {args.kernel_ms} ms "
+        "GIL-free sleep per batch",
+        "goals": "dali-cpu/process >= 1.0x DALI's reader; training thread <= 0.2 ms per batch; "
+        "reader alone >= 30k img/s (CIFAR, one core); neighbour >= 0.98x on a GPU node; builds 1",
+    }
+    with data.work_dir(args.work_dir, "feed-bench") as work:
+        datasets = data.loader_datasets(work, quick=args.quick, only=args.only, cifar_limit=(
+            data.QUICK_CIFAR if args.quick else None), epochs=None, workers=THREADS)  # fmt: skip
+        notes["load average at start (1/5/15 min)"] = _load()
+        out: list[Measurement] = []
+        for ds in datasets:
+            print(f"-- {ds['name']}: {ds['root']}", flush=True)
+            out += _measure_dataset(ds, args, notes)
+        notes["load average at end (1/5/15 min)"] = _load()
+    return out, notes

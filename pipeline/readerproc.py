@@ -1,0 +1,432 @@
+"""The shard reader in a process of its own, handing batches over through shared memory.
+
+Reading a shard (ranged reads, the planned order, the byte checks, retries) and
+drawing each sample's augmentation is Python work that holds the GIL; in the
+training process it would take turns with the training loop. Here it runs in a
+child process that never touches CUDA. The child writes each batch's image bytes
+into one of a few shared-memory slots and sends the rest (keys, labels, sizes,
+augmentation parameters: a few KB) through a pipe; the parent reads the images
+in place, hands them to DALI, and frees the slot. The child never runs more than
+``slots`` batches ahead.
+
+Protocol, all on one duplex pipe (``seq`` numbers the epochs, so that a late
+message of an abandoned epoch is never taken for the next one's):
+
+    parent -> child   ("epoch", seq, epoch, plan, start) | ("free", slot)
+                      | ("stop", seq) | ("exit",)
+    child -> parent   ("batch", seq, slot, segment-or-None, meta) | ("end", seq)
+                      | ("stopped", seq) | ("error", seq, exception)
+
+Lifetime: the child ends on ("exit",) or when the pipe closes (the parent died),
+unlinking its segments either way; the parent notices a dead child within a
+fraction of a second and raises :class:`ReaderProcessError` naming its exit code;
+``close()`` unlinks whatever a killed child left behind (segment names carry a
+token of this reader).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import mmap
+import multiprocessing as mp
+import os
+import secrets
+import signal
+import threading
+import types
+import weakref
+from collections.abc import Iterator
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+
+from pipeline import augment
+from pipeline.reader import EncodedBatch, encoded_batches
+
+log = logging.getLogger("pipeline")
+
+_SHM_DIR = "/dev/shm"
+_MIN_SEGMENT = 1 << 20
+_POLL_S = 0.2
+
+
+class ReaderProcessError(RuntimeError):
+    """The reader process died or could not start."""
+
+
+def _context():
+    # forkserver: the server imports the reader once; each reader process is forked from
+    # that clean process in milliseconds, never from one holding CUDA or DALI's threads.
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torchvision.io", "torchvision.transforms.v2",
+                                "pipeline.torch_backend", __name__])  # fmt: skip
+    return ctx
+
+
+def _untrack(name: str) -> None:
+    # The segments are unlinked by this module (see the module doc); Python 3.11's
+    # resource tracker would otherwise unlink them again and warn about "leaks".
+    with contextlib.suppress(Exception):  # best effort: the tracker may be gone at exit
+        resource_tracker.unregister(f"/{name}", "shared_memory")
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "is not responding"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the out-of-memory killer sends this)" if -code == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {code}"
+
+
+# -- the child ---------------------------------------------------------------------
+class _Child:
+    def __init__(self, conn, cfg, token: str, slots: int) -> None:
+        from pipeline.storage import Dataset
+
+        self.conn = conn
+        self.cfg = cfg
+        self.token = token
+        self.segments: list[shared_memory.SharedMemory | None] = [None] * slots
+        self.generation = 0
+        self.free = set(range(slots))
+        self.dataset = Dataset.open(cfg)
+
+    def serve(self) -> None:
+        try:
+            while True:
+                msg = self.conn.recv()
+                if msg[0] == "exit":
+                    return
+                if msg[0] == "free":
+                    self.free.add(msg[1])
+                elif msg[0] == "epoch":
+                    self.epoch(*msg[1:])
+                # a "stop" for an epoch that has already ended needs nothing
+        except (EOFError, OSError):
+            return  # the parent is gone
+        finally:
+            self.unlink_all()
+
+    def _handle(self, msg, seq: int) -> bool:
+        """Apply a message received while an epoch runs; False: stop this epoch."""
+        if msg[0] == "free":
+            self.free.add(msg[1])
+            return True
+        if msg[0] == "stop" and msg[1] == seq:
+            self.conn.send(("stopped", seq))
+            return False
+        if msg[0] == "exit":
+            raise EOFError
+        return True
+
+    def epoch(self, seq: int, epoch: int, plan, start: int) -> None:
+        job = types.SimpleNamespace(cfg=self.cfg, plan=plan, start=start, epoch=epoch,
+                                    dataset=self.dataset)  # fmt: skip
+        source = encoded_batches(job)
+        retried = self.dataset.retried
+        try:
+            for enc in source:
+                while self.conn.poll():
+                    if not self._handle(self.conn.recv(), seq):
+                        return
+                while not self.free:
+                    if not self._handle(self.conn.recv(), seq):
+                        return
+                params = augment.draw(self.cfg, enc.keys, epoch, enc.width, enc.height)
+                slot = min(self.free)
+                self.free.discard(slot)
+                segment, offsets = self.write(slot, enc.images)
+                meta = {"step": enc.step, "keys": enc.keys, "offsets": offsets,
+                        "labels": enc.labels, "skipped": enc.skipped, "extra": enc.extra,
+                        "width": enc.width, "height": enc.height, "params": params}  # fmt: skip
+                retried = self._report_retries(retried)
+                self.conn.send(("batch", seq, slot, segment, meta))
+            self._report_retries(retried)
+            self.conn.send(("end", seq))
+        except (EOFError, OSError):
+            raise
+        except BaseException as exc:  # handed to the parent, which raises it
+            self._report_retries(retried)
+            self.conn.send(("error", seq, _picklable(exc)))
+        finally:
+            source.close()
+
+    def _report_retries(self, before: int) -> int:
+        now = self.dataset.retried
+        if now > before:
+            self.conn.send(("retried", now - before))
+        return now
+
+    def write(self, slot: int, images: list[bytes]) -> tuple[str | None, np.ndarray]:
+        """Copy IMAGES into SLOT's segment (a bigger one if needed): (new segment's name
+        or None, offsets [B+1])."""
+        sizes = np.fromiter((len(b) for b in images), dtype=np.int64, count=len(images))
+        offsets = np.zeros(len(images) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        total = int(offsets[-1])
+        shm = self.segments[slot]
+        created = None
+        if shm is None or shm.size < total:
+            size = max(_MIN_SEGMENT, total + total // 4)
+            _check_room(size)
+            self.generation += 1
+            name = f"shardflow-{self.token}-{slot}-{self.generation}"
+            new = shared_memory.SharedMemory(name=name, create=True, size=size)
+            _untrack(new.name)
+            if shm is not None:  # the parent has freed this slot: it reads it no more
+                shm.close()
+                _unlink(shm.name)
+            self.segments[slot] = shm = new
+            created = new.name
+        buf = shm.buf
+        for b, lo, hi in zip(images, offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+            buf[lo:hi] = b
+        return created, offsets
+
+    def unlink_all(self) -> None:
+        for shm in self.segments:
+            if shm is not None:
+                shm.close()
+                _unlink(shm.name)
+        self.segments = [None] * len(self.segments)
+
+
+def _check_room(size: int) -> None:
+    # Writing past a full tmpfs kills the writer with SIGBUS; say what is short instead.
+    try:
+        st = os.statvfs(_SHM_DIR)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < size:
+        raise ReaderProcessError(
+            f"{_SHM_DIR} has {free / 2**20:.0f} MiB free and the shard reader needs "
+            f"{size / 2**20:.0f} MiB more for one batch of image bytes; give the container "
+            "more shared memory (docker run --shm-size=2g) or use reader='thread'"
+        )
+
+
+def _unlink(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(_SHM_DIR, name.lstrip("/")))
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - an exception that cannot travel becomes its text
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+class _LockedConn:
+    """The child's end of the pipe: sends from the reader's threads (log lines of retried
+    reads) and from its main loop never interleave."""
+
+    def __init__(self, conn) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, msg) -> None:
+        with self._lock:
+            self._conn.send(msg)
+
+    def recv(self):
+        return self._conn.recv()
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return self._conn.poll(timeout)
+
+
+class _Forward(logging.Handler):
+    """Log records of the child, re-emitted by the parent's loggers (its handlers, files
+    and captures), so a skipped sample is reported where the training run logs."""
+
+    def __init__(self, conn: _LockedConn) -> None:
+        super().__init__()
+        self.conn = conn
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):  # a parent that is gone reads no logs
+            self.conn.send(("log", record.name, record.levelno, record.getMessage()))
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _child_main(conn, cfg, env: dict[str, str], token: str, slots: int, level: int) -> None:
+    # The parent's environment as it is now (credentials, endpoints): a forkserver's
+    # children would otherwise inherit the server's, from when it started.
+    os.environ.clear()
+    os.environ.update(env)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # SIGTERM (multiprocessing's own clean-up at the parent's exit) unwinds through the
+    # finally blocks that unlink the segments.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    conn = _LockedConn(conn)
+    root = logging.getLogger()
+    root.handlers[:] = [_Forward(conn)]
+    root.setLevel(level)
+    try:
+        child = _Child(conn, cfg, token, slots)
+    except BaseException as exc:
+        conn.send(("error", -1, _picklable(exc)))
+        return
+    conn.send(("ready",))
+    child.serve()
+
+
+# -- the parent --------------------------------------------------------------------
+class ReaderProcess:
+    """A reader process for one loader: ``batches(job)`` per epoch, ``close()`` at the end."""
+
+    def __init__(self, cfg, slots: int) -> None:
+        ctx = _context()
+        self.token = secrets.token_hex(6)
+        self.slots = slots
+        self._conn, child_conn = ctx.Pipe(duplex=True)
+        self._proc = ctx.Process(
+            target=_child_main,
+            args=(child_conn, cfg, dict(os.environ), self.token, slots, log.getEffectiveLevel()),
+            name="shardflow-reader",
+            daemon=True,
+        )
+        self._proc.start()
+        child_conn.close()
+        self._segments: dict[int, memoryview] = {}
+        self._dataset = None  # the parent's Dataset, whose retry count the child adds to
+        self._seq = 0
+        self._finalizer = weakref.finalize(self, _shut_down, self._proc, self._conn, self.token,
+                                           self._segments)  # fmt: skip
+        msg = self._recv()
+        if msg[0] == "error":
+            self.close()
+            raise msg[2]
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def _recv(self):
+        while True:
+            msg = self._recv_any()
+            if msg[0] == "log":
+                logging.getLogger(msg[1]).log(msg[2], "%s", msg[3])
+            elif msg[0] == "retried":  # the epoch report counts the child's retries too
+                if self._dataset is not None:
+                    self._dataset.count_retries(msg[1])
+            else:
+                return msg
+
+    def _recv_any(self):
+        while not self._conn.poll(_POLL_S):
+            if not self._proc.is_alive():
+                break
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError):
+            self._proc.join(timeout=1.0)
+            raise ReaderProcessError(
+                f"the shard reader process (pid {self._proc.pid}) "
+                f"{_describe_exit(self._proc.exitcode)}; the loader cannot go on. Look for "
+                "its own error above, or for memory pressure on this machine"
+            ) from None
+
+    def _segment(self, slot: int, name: str | None) -> memoryview:
+        if name is not None:
+            # A plain read-only mapping: unmapped when the last view of it goes, however
+            # long a caller keeps an image (SharedMemory would try to close it under them).
+            fd = os.open(os.path.join(_SHM_DIR, name), os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                self._segments[slot] = memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
+            finally:
+                os.close(fd)
+        return self._segments[slot]
+
+    def batches(self, job) -> Iterator[tuple[EncodedBatch, augment.BatchParams | None]]:
+        """Steps ``job.start..`` of JOB's plan, read by the child, with their augmentation."""
+        self._seq += 1
+        seq = self._seq
+        self._dataset = job.dataset
+        self._conn.send(("epoch", seq, job.epoch, job.plan, job.start))
+        done = False
+        held: int | None = None  # the slot the consumer is reading
+        try:
+            while True:
+                msg = self._recv()
+                if msg[1] != seq:
+                    continue
+                if msg[0] == "end":
+                    done = True
+                    return
+                if msg[0] == "error":
+                    done = True
+                    raise msg[2]
+                _, _, slot, name, meta = msg
+                buf = self._segment(slot, name)
+                offsets = meta["offsets"].tolist()
+                images = [buf[lo:hi] for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)]
+                enc = EncodedBatch(step=meta["step"], keys=meta["keys"], images=images,
+                                   labels=meta["labels"], skipped=meta["skipped"],
+                                   extra=meta["extra"], width=meta["width"],
+                                   height=meta["height"])  # fmt: skip
+                held = slot
+                yield enc, meta["params"]
+                del images, enc, buf
+                self._conn.send(("free", slot))
+                held = None
+        finally:
+            if held is not None:
+                self._free(held)
+            if not done:
+                self._abandon(seq)
+
+    def _free(self, slot: int) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send(("free", slot))
+
+    def _abandon(self, seq: int) -> None:
+        """Stop epoch SEQ in the child and take back every slot it has filled."""
+        try:
+            self._conn.send(("stop", seq))
+            while True:
+                msg = self._recv()
+                if msg[0] == "batch" and msg[1] == seq:
+                    self._segment(msg[2], msg[3])
+                    self._free(msg[2])
+                elif msg[0] in ("end", "stopped", "error") and msg[1] == seq:
+                    return
+        except (OSError, ReaderProcessError):
+            return  # a dead child stops nothing; close() cleans up after it
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _shut_down(proc, conn, token: str, segments: dict) -> None:
+    """Stop the reader process and remove its segments (close(), or this process's exit
+    for a loader never closed)."""
+    if proc.is_alive():
+        with contextlib.suppress(OSError):
+            conn.send(("exit",))
+        proc.join(timeout=5.0)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=5.0)
+    conn.close()
+    segments.clear()
+    for path in glob.glob(os.path.join(_SHM_DIR, f"shardflow-{token}-*")):
+        _unlink(os.path.basename(path))  # what a killed child could not unlink

@@ -1,0 +1,212 @@
+"""The DALI feed: per-sample augmentation, one pipeline per loader, the reader process."""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from pipeline import World, build_loader
+from tests.pipeline.test_loader import all_keys, cfg_for
+
+pytestmark = pytest.mark.dali
+
+AUGMENTATIONS = {
+    # CIFAR's recipe: resize, pad, random crop, flips
+    "small": dict(recipe="small", vflip=0.5),
+    # the ImageNet recipe with every per-sample draw it has
+    "imagenet": dict(
+        recipe="imagenet",
+        image_size=24,
+        scale=(0.3, 1.0),
+        rotate_deg=20,
+        translate=0.1,
+        brightness=0.3,
+        contrast=0.3,
+        saturation=0.3,
+    ),  # fmt: skip
+}
+
+
+def _pixels(loader, steps: int | None = None) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    # islice stops before taking batch STEPS: the loader's state then is step STEPS
+    for batch in itertools.islice(loader, steps):
+        for key, image in zip(batch.keys, batch.images, strict=True):
+            if key in out:  # a pad repeat: its sample, drawn again, gives the same pixels
+                assert torch.equal(out[key], image), key
+            out[key] = image.clone()
+    return out
+
+
+@pytest.mark.parametrize("aug", AUGMENTATIONS)
+def test_resumed_pixels_equal_the_uninterrupted_run_on_another_world_size(small_ds, aug):
+    cfg = cfg_for("dali-cpu", small_ds, batch_size=4, **AUGMENTATIONS[aug])
+    expected: dict[str, torch.Tensor] = {}
+    for rank in range(2):
+        with build_loader(cfg, World(rank=rank, world_size=2)) as loader:
+            loader.set_epoch(1)
+            expected.update(_pixels(loader))
+    assert set(expected) == all_keys(small_ds)
+
+    got: dict[str, torch.Tensor] = {}
+    states = []
+    for rank in range(2):  # 3 steps on 2 ranks, then a checkpoint
+        with build_loader(cfg, World(rank=rank, world_size=2)) as loader:
+            loader.set_epoch(1)
+            got.update(_pixels(loader, steps=3))
+            states.append(loader.state_dict())
+    assert states[0] == states[1] and len(got) == 2 * 3 * 4
+    for rank in range(3):  # the rest on 3 ranks
+        with build_loader(cfg, World(rank=rank, world_size=3)) as loader:
+            loader.load_state_dict(states[0])
+            got.update(_pixels(loader))
+    assert set(got) == set(expected)
+    differ = [k for k in expected if not torch.equal(got[k], expected[k])]
+    assert not differ, f"{len(differ)} resumed samples got other pixels: {differ[:5]}"
+
+    # The draws are real: the next epoch crops and flips the same samples otherwise.
+    with build_loader(cfg, World()) as loader:
+        loader.set_epoch(2)
+        other = _pixels(loader)
+    same = sum(torch.equal(other[k], expected[k]) for k in expected)
+    assert same < len(expected) // 4
+
+
+def test_one_pipeline_per_loader_across_epochs_resume_and_decoder_errors(corrupt_ds):
+    from pipeline.dali_backend import DaliBackend
+
+    root, bad = corrupt_ds
+    cfg = cfg_for("dali-cpu", root)
+    before = DaliBackend.builds
+    with build_loader(cfg, World()) as loader:
+        skipped = set()
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            for batch in loader:
+                skipped.update(batch.skipped)
+            assert set(loader.epoch_report().corrupt) == bad
+        assert skipped == bad  # the undefined-quant-table JPEG is refused by DALI itself
+        loader.set_epoch(1)
+        it = iter(loader)
+        next(it), next(it)
+        state = loader.state_dict()
+        it.close()
+        loader.load_state_dict(state)
+        loader.set_epoch(1)
+        assert len(list(loader)) == 18 - 2
+    assert DaliBackend.builds - before == 1
+
+
+def _reader_pid(loader) -> int:
+    reader = loader.backend._reader
+    assert reader is not None, "the shard reader does not run in a process of its own"
+    return reader.pid
+
+
+def _segments(loader) -> list[str]:
+    return glob.glob(f"/dev/shm/shardflow-{loader.backend._reader.token}-*")
+
+
+def test_the_reader_runs_in_its_own_process_and_leaves_nothing_behind(small_ds):
+    cfg = cfg_for("dali-cpu", small_ds)
+    loader = build_loader(cfg, World())
+    it = iter(loader)
+    next(it)
+    pid = _reader_pid(loader)
+    assert pid != os.getpid() and _segments(loader)
+    token = loader.backend._reader.token
+    it.close()  # an abandoned iteration: the next one goes on in the same process
+    keys = [b.keys for b in loader]
+    assert len(keys) == 18 - 1 and _reader_pid(loader) == pid
+    with build_loader(cfg, World()) as reference:
+        assert keys == [b.keys for b in reference][1:]
+    loader.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not glob.glob(f"/dev/shm/shardflow-{token}-*")
+
+
+def test_a_killed_reader_process_is_a_clear_error_and_is_cleaned_up(small_ds):
+    from pipeline.readerproc import ReaderProcessError
+
+    loader = build_loader(cfg_for("dali-cpu", small_ds, prefetch=1), World())
+    it = iter(loader)
+    next(it)
+    pid, token = _reader_pid(loader), loader.backend._reader.token
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ReaderProcessError, match=r"killed by SIGKILL \(the out-of-memory"):
+        for _ in it:
+            pass
+    loader.close()
+    assert not glob.glob(f"/dev/shm/shardflow-{token}-*")
+
+
+@pytest.mark.parametrize("end", ["killed", "exits without close()"])
+def test_the_reader_process_ends_with_its_parent(small_ds, tmp_path, end):
+    # A training process killed outright, or one that never closes its loader: its
+    # reader must not live on, nor leave its shared memory behind.
+    script = tmp_path / "victim.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, sys, time
+        from pipeline import LoaderConfig, World, build_loader
+
+        if __name__ == "__main__":
+            cfg = LoaderConfig(data={small_ds!r}, backend="dali-cpu", batch_size=7,
+                               image_size=32, recipe="small")
+            loader = build_loader(cfg, World())
+            next(iter(loader))
+            print(loader.backend._reader.pid, loader.backend._reader.token, flush=True)
+            if sys.argv[1] == "killed":
+                time.sleep(60)
+    """)
+    )
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen([sys.executable, str(script), end.split()[0]], stdout=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
+    try:
+        pid, token = proc.stdout.readline().split()
+        if end == "killed":
+            proc.kill()
+        assert proc.wait(timeout=60) in (0, -signal.SIGKILL)
+        for _ in range(100):
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                break
+            import time
+
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"reader process {pid} outlived its parent")
+        assert not glob.glob(f"/dev/shm/shardflow-{token}-*")
+    finally:
+        proc.kill()
+
+
+def test_reading_from_top_level_code_falls_back_to_threads(small_ds, tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        from pipeline import LoaderConfig, World, build_loader
+
+        cfg = LoaderConfig(data={small_ds!r}, backend="dali-cpu", batch_size=7, image_size=32,
+                           recipe="small")
+        loader = build_loader(cfg, World())
+        print(sum(len(b.keys) for b in loader), loader.backend._reader)
+    """)
+    )
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["126", "None"]
+    assert "shard reader runs in threads of this process" in done.stderr

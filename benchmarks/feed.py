@@ -33,7 +33,7 @@ import time
 
 from benchmarks import data
 from benchmarks.harness import Measurement, measure
-from benchmarks.pipeline_read import _dali_native_run, _items, _load
+from benchmarks.pipeline_read import _dali_native_run, _items, _load, _reader_only
 
 THREADS = 2
 
@@ -78,29 +78,6 @@ def _loader_run(cfg, epochs: int, thread_ms: list[float]):
                 steps += 1
                 done += len(batch)
             thread_ms.append(1e3 * cpu / max(1, steps))
-        return done
-
-    return loader, run
-
-
-def _reader_alone(cfg, epochs: int):
-    from pipeline import World, augment, build_loader
-    from pipeline.loader import Job
-    from pipeline.reader import encoded_batches
-
-    loader = build_loader(cfg, World())
-    state = {"epoch": 0}
-
-    def run() -> int:
-        done = 0
-        for _ in range(epochs):
-            loader.set_epoch(state["epoch"])
-            state["epoch"] += 1
-            job = Job(cfg=loader.cfg, world=loader.world, epoch=loader.epoch, plan=loader.plan(), start=0,
-                      dataset=loader.dataset, device=loader.device)  # fmt: skip
-            for enc in encoded_batches(job):
-                augment.draw(loader.cfg, enc.keys, job.epoch, enc.width, enc.height)
-                done += len(enc.keys)
         return done
 
     return loader, run
@@ -190,8 +167,7 @@ def _measure_dataset(ds: dict, args, notes: dict) -> list[Measurement]:
         loaders.append(loader)
         jobs.append((Measurement(name=f"dali-cpu/{reader}/{name}", unit="img/s", items=items,
                                  baseline=base), run))  # fmt: skip
-    loader, run = _reader_alone(_cfg(ds, "thread"), epochs)
-    loaders.append(loader)
+    run = _reader_only(_cfg(ds, "thread"), epochs, draws=True, loaders=loaders)
     jobs.append((Measurement(name=f"reader-alone/{name}", unit="img/s", items=items), run))
     steps = 100  # ~2 s of proxy steps per round
     nbase = f"neighbour/no-data/{name}"

@@ -155,13 +155,17 @@ def _raw_read(root: str, storage_options=None):
     return mb, run
 
 
-def _reader_only(cfg, epochs: int):
-    """Our reader (ranged reads, sanity checks, shuffle order) without decoding."""
-    from pipeline import World, build_loader
+def _reader_only(cfg, epochs: int, *, draws: bool = False, loaders: list | None = None):
+    """Our reader (ranged reads, sanity checks, shuffle order) without decoding; with
+    DRAWS also each sample's augmentation draw (what the DALI feed's reader process
+    does). The loader is appended to LOADERS, for the caller to close."""
+    from pipeline import World, augment, build_loader
     from pipeline.loader import Job
     from pipeline.reader import encoded_batches
 
     loader = build_loader(cfg, World())
+    if loaders is not None:
+        loaders.append(loader)
     state = {"epoch": 0}
 
     def run() -> int:
@@ -172,6 +176,8 @@ def _reader_only(cfg, epochs: int):
             job = Job(cfg=loader.cfg, world=loader.world, epoch=loader.epoch, plan=loader.plan(), start=0,
                       dataset=loader.dataset, device=loader.device)  # fmt: skip
             for enc in encoded_batches(job):
+                if draws:
+                    augment.draw(loader.cfg, enc.keys, job.epoch, enc.width, enc.height)
                 done += len(enc.keys)
         return done
 

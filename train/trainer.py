@@ -389,6 +389,12 @@ def train(run: Run) -> dict[str, Any]:
     derived = {"per_rank_batch": cfg.per_rank_batch(d.world_size), "steps_per_epoch": run.steps_per_epoch,
                "total_steps": run.total_steps, "num_classes": cfg.model.num_classes,
                "image_size": cfg.data.image_size, "seed": cfg.run.seed}  # fmt: skip
+    # What the loader decided where the config said "auto" (None): threads, prefetch and
+    # reads come from the cores per local rank, so a run's record says what it ran with.
+    lc = getattr(run.loader, "cfg", None)
+    if lc is not None:
+        derived["loader"] = {k: getattr(lc, k) for k in ("backend", "num_threads", "prefetch",
+                             "read_ahead", "reader", "max_read_mb", "hw_decoder_load")}  # fmt: skip
     run.log.event(
         "start", {"environment": env, **derived},
         f"train: {cfg.model.model} on {cfg.data.data or 'synthetic data'} ({cfg.data.backend}), "

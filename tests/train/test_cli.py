@@ -33,6 +33,8 @@ def test_run_outputs(finished_run, tiny_val):
     start = events(out, "start")[0]
     assert start["environment"]["torch"] == torch.__version__ and "git_sha" in start["environment"]
     assert start["steps_per_epoch"] == 5 and start["total_steps"] == 10
+    # the loader's own choices where the config left them to it (CPU defaults here)
+    assert start["loader"]["prefetch"] == 2 and start["loader"]["read_ahead"] == 2
     train_rows = events(out, "train")
     assert [r["step"] for r in train_rows] == [2, 4, 5, 6, 8, 10]
     for r in train_rows:

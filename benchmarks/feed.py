@@ -33,7 +33,7 @@ import time
 
 from benchmarks import data
 from benchmarks.harness import Measurement, measure
-from benchmarks.pipeline_read import _dali_native_run, _items, _load, _reader_only
+from benchmarks.pipeline_read import _dali_native_run, _items, _load, _loader_run, _reader_only
 
 THREADS = 2
 
@@ -53,34 +53,6 @@ def _cfg(ds: dict, reader: str):
     return LoaderConfig(data=ds["root"], backend="dali-cpu", batch_size=ds["batch"],
                         image_size=ds["image_size"], recipe=ds["recipe"], num_threads=THREADS,
                         seed=0, reader=reader)  # fmt: skip
-
-
-def _loader_run(cfg, epochs: int, thread_ms: list[float]):
-    from pipeline import World, build_loader
-
-    loader = build_loader(cfg, World())
-    state = {"epoch": 0}
-
-    def run() -> int:
-        done = 0
-        for _ in range(epochs):
-            loader.set_epoch(state["epoch"])
-            state["epoch"] += 1
-            it = iter(loader)
-            steps = 0
-            cpu = 0.0
-            while True:
-                t = time.thread_time()
-                batch = next(it, None)
-                cpu += time.thread_time() - t
-                if batch is None:
-                    break
-                steps += 1
-                done += len(batch)
-            thread_ms.append(1e3 * cpu / max(1, steps))
-        return done
-
-    return loader, run
 
 
 def _busy(ms: float) -> None:

@@ -64,7 +64,10 @@ def add_arguments(parser) -> None:
 
 
 # -- runners ---------------------------------------------------------------------
-def _loader_run(cfg, epochs: int):
+def _loader_run(cfg, epochs: int, thread_ms: list[float] | None = None):
+    """(loader, run): RUN iterates EPOCHS epochs; with THREAD_MS, the calling thread's
+    CPU milliseconds per batch taken (time.thread_time around each next) are appended
+    per epoch."""
     from pipeline import World, build_loader
 
     loader = build_loader(cfg, World())
@@ -75,8 +78,18 @@ def _loader_run(cfg, epochs: int):
         for _ in range(epochs):
             loader.set_epoch(state["epoch"])
             state["epoch"] += 1
-            for batch in loader:
+            it = iter(loader)
+            steps, cpu = 0, 0.0
+            while True:
+                t = time.thread_time()
+                batch = next(it, None)
+                cpu += time.thread_time() - t
+                if batch is None:
+                    break
+                steps += 1
                 done += len(batch)
+            if thread_ms is not None:
+                thread_ms.append(1e3 * cpu / max(1, steps))
         return done
 
     return loader, run

@@ -50,6 +50,9 @@ log = logging.getLogger("pipeline")
 _SHM_DIR = "/dev/shm"
 _MIN_SEGMENT = 1 << 20
 _POLL_S = 0.2
+# What the child's pipe raises once the parent is gone. Not OSError at large: an OSError
+# of reading or of shared memory is an error of the epoch, for the parent to raise.
+_PIPE_GONE = (EOFError, ConnectionError)
 
 
 class ReaderProcessError(RuntimeError):
@@ -111,7 +114,7 @@ class _Child:
                 elif msg[0] == "epoch":
                     self.epoch(*msg[1:])
                 # a "stop" for an epoch that has already ended needs nothing
-        except (EOFError, OSError):
+        except _PIPE_GONE:
             return  # the parent is gone
         finally:
             self.unlink_all()
@@ -152,7 +155,7 @@ class _Child:
                 self.conn.send(("batch", seq, slot, segment, meta))
             self._report_retries(retried)
             self.conn.send(("end", seq))
-        except (EOFError, OSError):
+        except _PIPE_GONE:
             raise
         except BaseException as exc:  # handed to the parent, which raises it
             self._report_retries(retried)

@@ -59,7 +59,14 @@ def _tiny_jpeg() -> bytes:
 def tiny_dataset(root: Path, shards: int, per_shard: int) -> Path:
     """SHARDS shards of PER_SHARD tiny samples, written with the format's writer (a pack
     of 10^6 one-pixel images would time the decoder, not the layout)."""
-    from shard_tools.format import MANIFEST_NAME, Manifest, ShardInfo, index_name, shard_name
+    from shard_tools.format import (
+        MANIFEST_NAME,
+        Manifest,
+        ShardInfo,
+        index_name,
+        shard_name,
+        write_manifest,
+    )
     from shard_tools.tarwrite import ShardTarWriter
 
     if (root / MANIFEST_NAME).exists():
@@ -81,7 +88,7 @@ def tiny_dataset(root: Path, shards: int, per_shard: int) -> Path:
                                index=index_name(name)))  # fmt: skip
     manifest = Manifest(shards=tuple(infos), classes={str(c): c for c in range(10)},
                         samples=shards * per_shard, bytes=sum(i.bytes for i in infos))  # fmt: skip
-    (root / MANIFEST_NAME).write_text(manifest.to_json())
+    write_manifest(lambda name, data: (root / name).write_bytes(data), manifest)
     return root
 
 

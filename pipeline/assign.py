@@ -48,20 +48,86 @@ class Segment:
         return self.stop - self.start
 
 
+class Segments:
+    """A run of segments held as columns, so that a stream of 10^5 shards costs a few
+    arrays rather than 10^5 objects. Iterating it (or indexing it) gives
+    :class:`Segment` objects; ``len()`` is the number of segments, ``total`` the samples."""
+
+    __slots__ = ("shard", "start", "stop", "pad")
+
+    def __init__(self, shard, start, stop, pad=None) -> None:
+        self.shard = np.asarray(shard, dtype=np.int64)
+        self.start = np.asarray(start, dtype=np.int64)
+        self.stop = np.asarray(stop, dtype=np.int64)
+        self.pad = np.zeros(len(self.shard), dtype=bool) if pad is None else np.asarray(pad, bool)
+
+    @classmethod
+    def of(cls, segments) -> Segments:
+        """SEGMENTS (a Segments, or any sequence of Segment) as columns."""
+        if isinstance(segments, Segments):
+            return segments
+        segs = list(segments)
+        return cls(
+            [s.shard for s in segs], [s.start for s in segs], [s.stop for s in segs],
+            [s.pad for s in segs],
+        )  # fmt: skip
+
+    @classmethod
+    def concat(cls, parts) -> Segments:
+        parts = [cls.of(p) for p in parts]
+        if not parts:
+            return cls.of(())
+        return cls(*(np.concatenate([getattr(p, c) for p in parts]) for c in cls.__slots__))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.stop - self.start
+
+    @property
+    def total(self) -> int:
+        return int(self.lengths.sum())
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Segments(self.shard[i], self.start[i], self.stop[i], self.pad[i])
+        return Segment(int(self.shard[i]), int(self.start[i]), int(self.stop[i]), bool(self.pad[i]))
+
+    def __iter__(self):
+        cols = (self.shard.tolist(), self.start.tolist(), self.stop.tolist(), self.pad.tolist())
+        return (Segment(*row) for row in zip(*cols, strict=True))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Segments):
+            try:
+                other = Segments.of(other)
+            except (TypeError, AttributeError):
+                return NotImplemented
+        return all(np.array_equal(getattr(self, c), getattr(other, c)) for c in self.__slots__)
+
+    def __repr__(self) -> str:
+        return f"Segments({list(self)!r})"
+
+    def with_pad(self) -> Segments:
+        return Segments(self.shard, self.start, self.stop, np.ones(len(self), dtype=bool))
+
+
 @dataclass(frozen=True, kw_only=True)
 class Split:
     """A stream cut into equal per-rank parts."""
 
-    ranks: tuple[tuple[Segment, ...], ...]
+    ranks: tuple[Segments, ...]
     per_rank: int  # samples per rank, pad included
     steps: int  # batches per rank
     real: int  # samples in the stream before pad/drop
     padded: int  # repeats added (all ranks)
-    dropped: tuple[Segment, ...]  # tail not assigned to any rank
+    dropped: Segments  # tail not assigned to any rank
 
     @property
     def num_dropped(self) -> int:
-        return sum(len(s) for s in self.dropped)
+        return Segments.of(self.dropped).total
 
 
 def shard_order(num_shards: int, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
@@ -74,58 +140,64 @@ def shard_order(num_shards: int, epoch: int, seed: int, shuffle: bool = True) ->
     return rng.permutation(num_shards)
 
 
-def epoch_stream(
-    sizes: Sequence[int], epoch: int, seed: int, shuffle: bool = True
-) -> list[Segment]:
+def epoch_stream(sizes: Sequence[int], epoch: int, seed: int, shuffle: bool = True) -> Segments:
     """The epoch's global stream: whole shards in the shuffled order (empty ones skipped)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
     order = shard_order(len(sizes), epoch, seed, shuffle)
-    return [Segment(int(s), 0, int(sizes[s])) for s in order if sizes[s] > 0]
+    order = order[sizes[order] > 0]
+    return Segments(order, np.zeros(len(order), dtype=np.int64), sizes[order])
 
 
-def _take(stream: Sequence[Segment], count: int, *, pad: bool = False) -> list[Segment]:
+def _take(stream: Segments, count: int, *, pad: bool = False) -> Segments:
     """The first COUNT samples of STREAM (cycling), optionally marked as pad."""
-    out: list[Segment] = []
-    while count > 0:
-        for seg in stream:
-            n = min(len(seg), count)
-            if n > 0:
-                out.append(Segment(seg.shard, seg.start, seg.start + n, pad or seg.pad))
-                count -= n
-            if count == 0:
-                break
-    return out
+    total = stream.total
+    if count <= 0 or total == 0:
+        return Segments.of(())
+    whole, rest = divmod(count, total)
+    head, _ = _cut(stream, [rest])
+    out = Segments.concat([stream] * whole + [head[0]])
+    return out.with_pad() if pad else out
 
 
-def _cut(
-    stream: Sequence[Segment], sizes: Sequence[int]
-) -> tuple[list[list[Segment]], list[Segment]]:
-    """Cut STREAM into consecutive parts of the given sizes; return them and the rest."""
-    parts: list[list[Segment]] = []
-    it = iter(stream)
-    cur: Segment | None = next(it, None)
-    for want in sizes:
-        part: list[Segment] = []
-        while want > 0 and cur is not None:
-            n = min(len(cur), want)
-            part.append(Segment(cur.shard, cur.start, cur.start + n, cur.pad))
-            want -= n
-            cur = (
-                Segment(cur.shard, cur.start + n, cur.stop, cur.pad)
-                if n < len(cur)
-                else next(it, None)
-            )
-        parts.append(part)
-    rest = ([cur] if cur is not None and len(cur) > 0 else []) + list(it)
-    return parts, rest
+def _cut(stream: Segments, sizes: Sequence[int]) -> tuple[list[Segments], Segments]:
+    """Cut STREAM into consecutive parts of the given sizes; return them and the rest.
+
+    Vectorised: the cut points are found in the running sum of segment lengths; a
+    segment a cut falls inside is split in two, the others are taken as they are."""
+    stream = Segments.of(stream)
+    ends = np.cumsum(stream.lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    cuts = np.minimum(np.cumsum(np.asarray(sizes, dtype=np.int64)), total)
+    lo_pos = np.concatenate([[0], cuts]).astype(np.int64)
+    parts = [
+        _range(stream, ends, int(a), int(b)) for a, b in zip(lo_pos[:-1], lo_pos[1:], strict=True)
+    ]
+    return parts, _range(stream, ends, int(lo_pos[-1]), total)
 
 
-def split_stream(stream: Sequence[Segment], world_size: int, batch_size: int, policy: str) -> Split:
+def _range(stream: Segments, ends: np.ndarray, a: int, b: int) -> Segments:
+    """Samples A..B-1 of STREAM (positions in the stream) as segments."""
+    if b <= a:
+        return Segments.of(())
+    first = int(np.searchsorted(ends, a, side="right"))  # the segment holding position a
+    last = int(np.searchsorted(ends, b - 1, side="right"))  # ... and position b-1
+    part = stream[first : last + 1]
+    begins = ends[first : last + 1] - part.lengths  # stream position of each segment's start
+    start = part.start.copy()
+    stop = part.stop.copy()
+    start[0] += a - int(begins[0])
+    stop[-1] -= int(ends[last]) - b
+    return Segments(part.shard, start, stop, part.pad)
+
+
+def split_stream(stream, world_size: int, batch_size: int, policy: str) -> Split:
     """Cut a stream into ``world_size`` contiguous parts of equal, whole-batch size."""
     if world_size < 1 or batch_size < 1:
         raise ValueError("world_size and batch_size must be >= 1")
     if policy not in ("pad", "drop"):
         raise ValueError(f"remainder policy must be 'pad' or 'drop', got {policy!r}")
-    real = sum(len(s) for s in stream)
+    stream = Segments.of(stream)
+    real = stream.total
     if real == 0:
         raise ValueError("the dataset has no samples to read")
     unit = world_size * batch_size
@@ -133,13 +205,13 @@ def split_stream(stream: Sequence[Segment], world_size: int, batch_size: int, po
     per_rank = steps * batch_size
     total = per_rank * world_size
     padded = max(0, total - real)
-    extended = list(stream) + _take(stream, padded, pad=True)
+    extended = Segments.concat([stream, _take(stream, padded, pad=True)])
     parts, rest = _cut(extended, [per_rank] * world_size)
     return Split(
-        ranks=tuple(tuple(p) for p in parts),
+        ranks=tuple(parts),
         per_rank=per_rank,
         steps=steps,
         real=real,
         padded=padded,
-        dropped=tuple(rest),
+        dropped=rest,
     )

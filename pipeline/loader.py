@@ -73,7 +73,9 @@ class Loader:
         self.backend = backend
         self.device = device
         self._sizes = (
-            dataset.manifest.shard_sizes if dataset is not None else [cfg.synthetic_samples]
+            dataset.manifest.shard_sizes
+            if dataset is not None
+            else np.array([cfg.synthetic_samples], dtype=np.int64)
         )
         self._epoch = 0
         self._history: list[Generation] = []
@@ -96,7 +98,7 @@ class Loader:
     @property
     def num_samples(self) -> int:
         """Samples in the dataset (one epoch, all ranks, before pad/drop)."""
-        return int(sum(self._sizes))
+        return int(np.sum(self._sizes))
 
     def plan(self) -> RankPlan:
         """The current generation's plan for this rank (cached)."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.assign import Segment, Split, epoch_stream, split_stream
+from pipeline.assign import Segments, Split, epoch_stream, split_stream
 
 BUFFER_SALT = 0xB0FF
 
@@ -78,31 +78,29 @@ class RankPlan:
         return self.step_offset + self.steps
 
 
-def expand(segments: Sequence[Segment]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def expand(segments) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Segments -> per-sample (shard, index, pad) arrays, in stream order."""
-    if not segments:
+    segs = Segments.of(segments)
+    lengths = segs.lengths
+    n = int(lengths.sum())
+    if n == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty.copy(), np.zeros(0, dtype=bool)
-    lengths = np.array([len(s) for s in segments], dtype=np.int64)
-    shard = np.repeat(np.array([s.shard for s in segments], dtype=np.int64), lengths)
-    starts = np.repeat(np.array([s.start for s in segments], dtype=np.int64), lengths)
-    seg_begin = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    index = starts + (np.arange(int(lengths.sum()), dtype=np.int64) - seg_begin)
-    pad = np.repeat(np.array([s.pad for s in segments], dtype=bool), lengths)
+    shard = np.repeat(segs.shard, lengths)
+    seg_begin = np.repeat(np.cumsum(lengths) - lengths - segs.start, lengths)
+    index = np.arange(n, dtype=np.int64) - seg_begin
+    pad = np.repeat(segs.pad, lengths)
     return shard, index, pad
 
 
-def coalesce(shard: np.ndarray, index: np.ndarray) -> list[Segment]:
+def coalesce(shard: np.ndarray, index: np.ndarray) -> Segments:
     """Per-sample (shard, index) arrays -> the fewest segments in the same order."""
     if len(shard) == 0:
-        return []
+        return Segments.of(())
     brk = np.flatnonzero((np.diff(shard) != 0) | (np.diff(index) != 1)) + 1
     starts = np.concatenate([[0], brk])
     stops = np.concatenate([brk, [len(shard)]])
-    return [
-        Segment(int(shard[a]), int(index[a]), int(index[b - 1]) + 1)
-        for a, b in zip(starts, stops, strict=True)
-    ]
+    return Segments(shard[starts], index[starts], index[stops - 1] + 1)
 
 
 def shuffle_buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
@@ -158,7 +156,7 @@ def _reference_shuffle_buffer_order(n: int, buffer: int, rng: np.random.Generato
 
 
 def rank_order(
-    segments: Sequence[Segment], *, seed: int, epoch: int, generation: int, rank: int, buffer: int
+    segments, *, seed: int, epoch: int, generation: int, rank: int, buffer: int
 ) -> RankOrder:
     """The rank's inputs and their shuffled output order."""
     shard, index, pad = expand(segments)
@@ -207,46 +205,45 @@ def pending_positions(n: int, consumed: int, buffer: int, rng: np.random.Generat
     return np.concatenate([np.sort(held), np.arange(size + consumed, n, dtype=np.int64)])
 
 
-def _select(segments: Sequence[Segment], positions: np.ndarray) -> list[Segment]:
+def _select(segments, positions: np.ndarray) -> Segments:
     """The real (not pad) samples at input POSITIONS (sorted) of SEGMENTS, as segments."""
-    if not len(positions) or not segments:
-        return []
-    lengths = np.array([len(s) for s in segments], dtype=np.int64)
+    segs = Segments.of(segments)
+    if not len(positions) or not len(segs):
+        return Segments.of(())
+    lengths = segs.lengths
     ends = np.cumsum(lengths)
     seg = np.searchsorted(ends, positions, side="right")
-    start = np.array([s.start for s in segments], dtype=np.int64)[seg]
-    index = start + positions - (ends - lengths)[seg]
-    shard = np.array([s.shard for s in segments], dtype=np.int64)[seg]
-    real = ~np.array([s.pad for s in segments], dtype=bool)[seg]
-    return coalesce(shard[real], index[real])
+    index = segs.start[seg] + positions - (ends - lengths)[seg]
+    real = ~segs.pad[seg]
+    return coalesce(segs.shard[seg][real], index[real])
 
 
 def _remaining_stream(
     split: Split, consumed: int, *, seed: int, epoch: int, generation: int, buffer: int
-) -> list[Segment]:
+) -> Segments:
     """Unconsumed real samples of every rank after CONSUMED outputs each, rank by rank."""
-    out: list[Segment] = []
+    out = []
     for r, segs in enumerate(split.ranks):
-        n = sum(len(s) for s in segs)
+        n = Segments.of(segs).total
         rng = _buffer_rng(seed=seed, epoch=epoch, generation=generation, rank=r)
         left = pending_positions(n, consumed, buffer, rng)
         # Pad repeats are left out: the next split re-creates them if it needs them.
-        out.extend(_select(segs, left))
-    return out
+        out.append(_select(segs, left))
+    return Segments.concat(out)
 
 
 def _reference_remaining_stream(
     split: Split, consumed: int, *, seed: int, epoch: int, generation: int, buffer: int
-) -> list[Segment]:
+) -> Segments:
     """_remaining_stream as earlier versions computed it, from every old rank's whole order
     (the tests check that both give the same samples; the scale benchmark times both)."""
-    out: list[Segment] = []
+    out = []
     for r, segs in enumerate(split.ranks):
         ro = rank_order(segs, seed=seed, epoch=epoch, generation=generation, rank=r, buffer=buffer)
         left = np.sort(ro.order[consumed:])
         left = left[~ro.pad[left]]
-        out.extend(coalesce(ro.shard[left], ro.index[left]))
-    return out
+        out.append(coalesce(ro.shard[left], ro.index[left]))
+    return Segments.concat(out)
 
 
 def plan_rank(
@@ -283,7 +280,9 @@ def plan_rank(
             break
     g = len(history)
     if not stream:  # the epoch was fully consumed before this generation
-        empty = Split(ranks=((),) * world_size, per_rank=0, steps=0, real=0, padded=0, dropped=())
+        none = Segments.of(())
+        empty = Split(ranks=(none,) * world_size, per_rank=0, steps=0, real=0, padded=0,
+                      dropped=none)  # fmt: skip
         ro = rank_order((), seed=seed, epoch=epoch, generation=g, rank=rank, buffer=buffer)
         return RankPlan(
             rank=rank, world_size=world_size, batch_size=batch_size, generation=g,

@@ -116,7 +116,7 @@ class InputReader:
         self.positions = positions
         self.read_ahead = read_ahead
         shards = dataset.manifest.shards
-        avg = np.array([max(1, s.bytes // max(1, s.samples)) for s in shards], dtype=np.int64)
+        avg = np.maximum(1, shards.bytes // np.maximum(1, shards.samples))
         self.max_samples = np.maximum(1, dataset.max_read_bytes // avg)
         self._pool: ThreadPoolExecutor | None = None
 

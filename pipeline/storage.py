@@ -127,8 +127,9 @@ class Dataset:
         )
 
     @property
-    def shard_names(self) -> list[str]:
-        return [s.name for s in self.manifest.shards]
+    def shard_names(self):
+        """Shard names by number (a sequence decoded on access, not a list of 10^5 str)."""
+        return self.manifest.shards.names
 
     @property
     def labelled(self) -> bool:

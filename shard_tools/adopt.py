@@ -53,6 +53,7 @@ from shard_tools.format import (
     parse_labels,
     read_manifest,
     redact,
+    write_manifest,
 )
 from shard_tools.sources import SourceError, check_member, expand_tar_patterns
 from shard_tools.storage import Destination, options_for
@@ -389,5 +390,5 @@ def _finish(cfg, spec, dest, base, scans, seconds) -> tuple[Manifest, int]:
         options=cfg.recorded_options(), tool_version=__version__, labelled=spec.labelled,
         base_url=base,
     )  # fmt: skip
-    dest.write_bytes(MANIFEST_NAME, manifest.to_json().encode("utf-8"))  # last: the commit marker
+    write_manifest(dest.write_bytes, manifest)  # manifest.json last: the commit marker
     return manifest, len(rejected)

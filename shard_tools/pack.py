@@ -37,6 +37,7 @@ from shard_tools.format import (
     ShardInfo,
     index_name,
     shard_name,
+    write_manifest,
 )
 from shard_tools.sources import MANIFEST_SUFFIXES, Item, Source, describe, list_source, select
 from shard_tools.storage import Destination
@@ -468,7 +469,7 @@ def _finish(
     )
     # The manifest is the commit marker: written last, after every shard,
     # index and the rejected list are in place.
-    dest.write_bytes(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
+    write_manifest(dest.write_bytes, manifest)
     resume.clear(dest)
     processed = len(source.items) - (entries[resumed - 1]["input_end"] if resumed else 0)
     return PackResult(

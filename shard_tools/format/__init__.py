@@ -7,7 +7,8 @@ key are one sample). How its bytes are laid out in a tar and read back:
 :mod:`~shard_tools.format.tar`. The ``.idx`` beside each shard (DALI's v1.2
 webdataset index): :mod:`~shard_tools.format.index`. The ``manifest.json`` that
 makes a folder of shards a dataset, and its version:
-:mod:`~shard_tools.format.manifest`. ``shard_tools`` writes with it and
+:mod:`~shard_tools.format.manifest`; its per-shard table, stored as columns in
+``manifest.shards``: :mod:`~shard_tools.format.table`. ``shard_tools`` writes with it and
 ``pipeline`` reads with it; nothing else defines any of it.
 """
 
@@ -33,6 +34,7 @@ from shard_tools.format.manifest import (
     options_for,
     read_manifest,
     redact,
+    write_manifest,
 )
 from shard_tools.format.names import (
     IMAGE_EXTS,
@@ -53,6 +55,7 @@ from shard_tools.format.names import (
     shard_name,
     split_name,
 )
+from shard_tools.format.table import TABLE_NAME, ShardTable
 from shard_tools.format.tar import (
     BLOCK,
     RECORD,
@@ -83,12 +86,14 @@ __all__ = [
     "RECORD",
     "REJECTED_NAME",
     "SHARD_PATTERN",
+    "TABLE_NAME",
     "Manifest",
     "ManifestError",
     "Member",
     "RawSample",
     "ShardIndex",
     "ShardInfo",
+    "ShardTable",
     "TarFormatError",
     "check_key",
     "check_url",
@@ -115,4 +120,5 @@ __all__ = [
     "split_name",
     "tar_header",
     "tar_samples",
+    "write_manifest",
 ]

@@ -11,8 +11,11 @@ are paths relative to it. Its shards may lack a sha256 (``""``: adopted
 without ``--hash``) and record their size and the storage's etag, so that a
 changed tar is noticed.
 
-Format 2 added ``labelled``, ``base_url`` and per-shard ``etag``; format 1
-manifests read as they are. Readers call :func:`read_manifest` and get a
+Format 2 added ``labelled``, ``base_url`` and per-shard ``etag``; format 3
+moved the per-shard entries out of ``manifest.json`` into the columnar
+``manifest.shards`` beside it (:mod:`~shard_tools.format.table`: a loader of
+10^5 shards reads a few arrays, not 10^5 JSON objects). Formats 1 and 2 read as
+they are. Readers call :func:`read_manifest` and get a
 validated :class:`Manifest`; a version they do not know is refused with a
 message that says what to do.
 """
@@ -21,25 +24,24 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import fsspec
+import numpy as np
 
 from shard_tools.format.names import MANIFEST_NAME
+from shard_tools.format.table import TABLE_NAME, ManifestError, ShardTable
 
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
 
 
 CREDENTIALS_HINT = (
     "check the storage credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the profile, "
     "or storage_options)"
 )
-
-
-class ManifestError(ValueError):
-    """A manifest that is missing, malformed or of an unknown format version."""
 
 
 def _relative_path(name: str) -> bool:
@@ -96,9 +98,10 @@ class ShardInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
-    """A whole dataset. ``classes`` maps class name to integer label."""
+    """A whole dataset. ``classes`` maps class name to integer label; ``shards`` is a
+    :class:`~shard_tools.format.table.ShardTable` (given as any sequence of ShardInfo)."""
 
-    shards: tuple[ShardInfo, ...]
+    shards: ShardTable
     classes: dict[str, int]
     samples: int
     bytes: int
@@ -119,9 +122,10 @@ class Manifest:
             )
         if not self.labelled and self.classes:
             raise ManifestError("an unlabelled dataset lists no classes")
-        if sum(s.samples for s in self.shards) != self.samples:
+        object.__setattr__(self, "shards", ShardTable.of(self.shards))
+        if int(np.sum(self.shards.samples)) != self.samples:
             raise ManifestError("manifest totals disagree: samples != sum of shard samples")
-        if sum(s.bytes for s in self.shards) != self.bytes:
+        if int(np.sum(self.shards.bytes)) != self.bytes:
             raise ManifestError("manifest totals disagree: bytes != sum of shard bytes")
         labels = sorted(self.classes.values())
         if labels != list(range(len(labels))):
@@ -132,17 +136,25 @@ class Manifest:
         return len(self.classes)
 
     @property
-    def shard_sizes(self) -> list[int]:
-        return [s.samples for s in self.shards]
+    def shard_sizes(self) -> np.ndarray:
+        """Samples per shard (int64), in manifest order."""
+        return self.shards.samples
 
-    def to_json(self) -> str:
-        """Deterministic JSON (sorted keys, no timestamps): equal inputs give equal bytes."""
-        data = asdict(self)
-        data["shards"] = [asdict(s) for s in self.shards]
-        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+    def encode(self) -> tuple[str, bytes]:
+        """(``manifest.json`` text, ``manifest.shards`` bytes): deterministic (sorted keys,
+        no timestamps), so equal inputs give equal bytes."""
+        table, spec = self.shards.encode()
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "shards"}
+        data["format_version"] = FORMAT_VERSION
+        data["shard_table"] = spec
+        return json.dumps(data, indent=2, sort_keys=True) + "\n", table
 
     @classmethod
-    def from_json(cls, text: str, *, source: str = "manifest") -> Manifest:
+    def from_json(
+        cls, text: str, *, source: str = "manifest", storage_options: dict[str, Any] | None = None
+    ) -> Manifest:
+        """Parse ``manifest.json`` text read from SOURCE (its URL: a format-3 manifest's
+        shard table is the ``manifest.shards`` beside it, opened lazily)."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -158,9 +170,18 @@ class Manifest:
                 f"{', '.join(map(str, READ_VERSIONS))}: upgrade shardflow or re-pack the dataset"
             )
         try:
-            shards = tuple(ShardInfo(**s) for s in data.pop("shards"))
+            if version >= 3:
+                spec = data.pop("shard_table")
+                base = source.rsplit("/", 1)[0] if "/" in source else "."
+                table_url = join_url(base, spec.get("file", TABLE_NAME))
+                fs, path = fsspec.core.url_to_fs(
+                    table_url, **options_for(table_url, storage_options)
+                )
+                shards = ShardTable.open(fs, path, spec, what=source)
+            else:
+                shards = tuple(ShardInfo(**s) for s in data.pop("shards"))
             return cls(shards=shards, **data)
-        except (TypeError, KeyError) as exc:
+        except (TypeError, KeyError, AttributeError) as exc:
             raise ManifestError(f"{source} is malformed: {exc}") from None
         except ManifestError as exc:  # a shard entry refused itself: say which file holds it
             raise ManifestError(f"{source}: {exc}") from None
@@ -214,7 +235,17 @@ def read_manifest(root: str, storage_options: dict[str, Any] | None = None) -> M
     except PermissionError as exc:
         # Object stores answer a wrong secret with a bare "Forbidden": say what was read.
         raise ManifestError(f"access denied reading {url} ({exc}): {CREDENTIALS_HINT}") from None
-    return Manifest.from_json(text, source=url)
+    manifest = Manifest.from_json(text, source=url, storage_options=opts)
+    manifest.shards.validate()  # what a reader relies on, checked before anything is read
+    return manifest
+
+
+def write_manifest(write: Callable[[str, bytes], Any], manifest: Manifest) -> None:
+    """Write MANIFEST with WRITE(name, data): the shard table, then ``manifest.json`` (the
+    commit marker, last)."""
+    text, table = manifest.encode()
+    write(TABLE_NAME, table)
+    write(MANIFEST_NAME, text.encode("utf-8"))
 
 
 def _what_is_there(root: str, opts: dict[str, Any]) -> str:

@@ -27,7 +27,8 @@ import torch
 from pipeline import LoaderConfig, World, build_loader
 from shard_tools import s3_server as srv
 from shard_tools.cli import main as shard_main
-from shard_tools.format import MANIFEST_NAME, ManifestError
+from shard_tools.format import MANIFEST_NAME, TABLE_NAME, ManifestError, read_manifest
+from shard_tools.format.table import COLUMNS, ShardTable, TextColumn
 from shard_tools.synth import make_image_folder
 from tests.faults.faulthelpers_rw import REPO, child_env, jpeg, one_line_error, run_shard
 from train import checkpoint
@@ -290,15 +291,29 @@ def _bad_manifest(root: Path, how: str) -> None:
     if how == "malformed JSON":
         path.write_text(path.read_text()[:-30])
         return
+    table = root / TABLE_NAME
+    if how == "shard table missing":
+        table.unlink()
+        return
+    if how == "shard table truncated":
+        table.write_bytes(table.read_bytes()[:-5])
+        return
     data = json.loads(path.read_text())
     if how == "format version 99":
         data["format_version"] = 99
-    elif how == "shard name '../../x.tar'":
-        data["shards"][0]["name"] = "../../x.tar"
-    elif how == "index name '../../x.idx'":
-        data["shards"][0]["index"] = "../../x.idx"
-    elif how == "index name 'sub/x.idx'":
-        data["shards"][-1]["index"] = "sub/x.idx"
+    else:  # a bad value written into the shard table as a writer would, hashes and all
+        column, row, value = {
+            "shard name '../../x.tar'": ("name", 0, "../../x.tar"),
+            "index name '../../x.idx'": ("index", 0, "../../x.idx"),
+            "index name 'sub/x.idx'": ("index", -1, "sub/x.idx"),
+        }[how]
+        shards = read_manifest(str(root)).shards
+        cols = {c: shards.column(c) for c in COLUMNS}
+        values = list(cols[column])
+        values[row] = value
+        cols[column] = TextColumn.of(values)
+        raw, data["shard_table"] = ShardTable(len(shards), cols).encode()
+        table.write_bytes(raw)
     path.write_text(json.dumps(data))
 
 
@@ -315,6 +330,8 @@ BAD_MANIFESTS = {
     "shard name '../../x.tar'": "shard name must be a plain file name",
     "index name '../../x.idx'": "index name must be a plain file name",
     "index name 'sub/x.idx'": "index name must be a plain file name",
+    "shard table missing": "manifest.shards, which is missing beside it",
+    "shard table truncated": "does not match the manifest",
 }
 
 

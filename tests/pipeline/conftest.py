@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 
+from shard_tools.format import read_manifest, write_manifest
 from shard_tools.pack import PackConfig, pack
 from shard_tools.synth import make_image_folder
 
@@ -44,11 +45,12 @@ def noidx_ds(tmp_path_factory, small_ds) -> str:
     """The same shards as plain webdataset tars: no .idx files (read whole, parsed)."""
     dest = tmp_path_factory.mktemp("noidx") / "ds"
     shutil.copytree(small_ds, dest)
-    manifest = json.loads((dest / "manifest.json").read_text())
-    for shard in manifest["shards"]:
-        (dest / shard["index"]).unlink()
-        shard["index"] = None
-    (dest / "manifest.json").write_text(json.dumps(manifest))
+    manifest = read_manifest(str(dest))
+    for shard in manifest.shards:
+        (dest / shard.index).unlink()
+    shards = [dataclasses.replace(s, index=None) for s in manifest.shards]
+    write_manifest(lambda name, data: (dest / name).write_bytes(data),
+                   dataclasses.replace(manifest, shards=shards))  # fmt: skip
     return str(dest)
 
 

@@ -50,6 +50,6 @@ def assert_s3_pack_equals_local(local, remote, prefix: str, opts: dict) -> None:
     expected = sorted(
         [s.name for s in local.shards]
         + [s.index for s in local.shards]
-        + ["manifest.json", "rejected.jsonl"]
+        + ["manifest.json", "manifest.shards", "rejected.jsonl"]
     )
     assert names == expected

@@ -18,7 +18,7 @@ def test_pack_folder_round_trip(tmp_path):
     result = pack(PackConfig(src=str(src), dest=str(dest), max_count=8, workers=1), progress=False)
     m = read_manifest(str(dest))
     assert result.manifest == m
-    assert m.samples == 21 and len(m.shards) == 3 and m.shard_sizes == [8, 8, 5]
+    assert m.samples == 21 and len(m.shards) == 3 and m.shard_sizes.tolist() == [8, 8, 5]
     assert m.classes == {"class00": 0, "class01": 1, "class02": 2}
     assert m.class_counts == {"class00": 7, "class01": 7, "class02": 7}
     assert (dest / MANIFEST_NAME).exists() and not (dest / ".journal").exists()
@@ -46,6 +46,7 @@ def test_pack_to_memory_filesystem(small_src):
     names = sorted(p.rsplit("/", 1)[1] for p in fs.find("/packs/basic"))
     assert names == [
         "manifest.json",
+        "manifest.shards",
         "rejected.jsonl",
         "shard-000000.idx",
         "shard-000000.tar",

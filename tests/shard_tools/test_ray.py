@@ -85,7 +85,7 @@ def test_ray_pack_round_trip_and_determinism(ray_cluster, src, tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == sorted(
         [s.name for s in m.shards]
         + [s.index for s in m.shards]
-        + ["manifest.json", "rejected.jsonl"]
+        + ["manifest.json", "manifest.shards", "rejected.jsonl"]
     )  # no chunk folders, journal or temp files left
     assert verify(str(dest), decode=True).ok
     assert main(["verify", str(dest)]) == 0

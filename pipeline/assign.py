@@ -118,7 +118,7 @@ class Segments:
 class Split:
     """A stream cut into equal per-rank parts."""
 
-    ranks: tuple[Segments, ...]
+    ranks: tuple[Segments | None, ...]  # None for the ranks a one-rank split left out
     per_rank: int  # samples per rank, pad included
     steps: int  # batches per rank
     real: int  # samples in the stream before pad/drop
@@ -187,11 +187,16 @@ def _range(stream: Segments, ends: np.ndarray, a: int, b: int) -> Segments:
     stop = part.stop.copy()
     start[0] += a - int(begins[0])
     stop[-1] -= int(ends[last]) - b
-    return Segments(part.shard, start, stop, part.pad)
+    # Copies, not views: a rank's part must not keep the whole stream's arrays alive.
+    return Segments(part.shard.copy(), start, stop, part.pad.copy())
 
 
-def split_stream(stream, world_size: int, batch_size: int, policy: str) -> Split:
-    """Cut a stream into ``world_size`` contiguous parts of equal, whole-batch size."""
+def split_stream(
+    stream, world_size: int, batch_size: int, policy: str, rank: int | None = None
+) -> Split:
+    """Cut a stream into ``world_size`` contiguous parts of equal, whole-batch size.
+    With RANK, only that rank's part is kept (the others are None): a rank's plan need
+    not hold the segments of every other rank."""
     if world_size < 1 or batch_size < 1:
         raise ValueError("world_size and batch_size must be >= 1")
     if policy not in ("pad", "drop"):
@@ -207,6 +212,8 @@ def split_stream(stream, world_size: int, batch_size: int, policy: str) -> Split
     padded = max(0, total - real)
     extended = Segments.concat([stream, _take(stream, padded, pad=True)])
     parts, rest = _cut(extended, [per_rank] * world_size)
+    if rank is not None:
+        parts = [p if r == rank else None for r, p in enumerate(parts)]
     return Split(
         ranks=tuple(parts),
         per_rank=per_rank,

@@ -54,6 +54,11 @@ class LoaderConfig:
     remainder: str = "pad"  # "pad": repeat samples so no sample is lost; "drop": drop the tail
     shuffle: bool = True  # shard order + sample buffer; only applies when train=True
     shuffle_buffer: int = 4096  # samples held per rank for the in-memory shuffle
+    # Samples the buffer holds before its first output; it then grows by one per output
+    # to shuffle_buffer (webdataset's "initial"), so the first batch waits for about
+    # 2 batches read rather than a full buffer. None: 2 * batch_size. shuffle_initial =
+    # shuffle_buffer starts full (the order of versions before format 3).
+    shuffle_initial: int | None = None
 
     # augmentation
     recipe: str = "imagenet"
@@ -126,6 +131,8 @@ class LoaderConfig:
             raise ValueError(f"remainder must be 'pad' or 'drop', got {self.remainder!r}")
         if self.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.shuffle_initial is not None and self.shuffle_initial < 1:
+            raise ValueError(f"shuffle_initial must be >= 1, got {self.shuffle_initial}")
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
         _pair("scale", self.scale, 1e-6, 1.0)
@@ -226,6 +233,14 @@ class LoaderConfig:
     def shuffling(self) -> bool:
         """Whether shard order and the sample buffer are shuffled (training only)."""
         return self.train and self.shuffle
+
+    @property
+    def buffer_start(self) -> int:
+        """Samples the shuffle buffer holds before its first output (0: no shuffling)."""
+        if not self.shuffling or self.shuffle_buffer <= 1:
+            return 0
+        start = 2 * self.batch_size if self.shuffle_initial is None else self.shuffle_initial
+        return min(start, self.shuffle_buffer)
 
     @property
     def resolved_eval_resize(self) -> int:

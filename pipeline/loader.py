@@ -22,6 +22,7 @@ import torch
 
 from pipeline.batch import Batch, EpochReport
 from pipeline.config import LoaderConfig
+from pipeline.memory import release_freed_memory
 from pipeline.order import Generation, RankPlan, plan_rank
 from pipeline.world import World
 
@@ -114,7 +115,9 @@ class Loader:
                 world_size=self.world.world_size,
                 batch_size=self.cfg.batch_size,
                 rank=self.world.rank,
+                initial=self.cfg.buffer_start or None,
             )
+            release_freed_memory()  # the plan's temporaries, not kept by the heap
         return self._plan
 
     @property
@@ -233,6 +236,7 @@ class Loader:
             "remainder": self.cfg.remainder,
             "shuffle": self.cfg.shuffling,
             "shuffle_buffer": self.cfg.shuffle_buffer if self.cfg.shuffling else 0,
+            "shuffle_initial": self.cfg.buffer_start,
             "num_samples": self.num_samples,
             "num_shards": len(self._sizes),
         }
@@ -258,6 +262,9 @@ class Loader:
                 f"loader state version {state.get('version')!r} is not {STATE_VERSION}"
             )
         mine = self._fingerprint()
+        if "shuffle_initial" not in state:  # saved before it existed: the buffer started full
+            buffer = state.get("shuffle_buffer") or 0
+            state = {**state, "shuffle_initial": buffer if buffer > 1 else 0}
         for key, value in mine.items():
             if state.get(key) != value:
                 raise ValueError(

@@ -44,10 +44,10 @@ class Generation:
 class RankOrder:
     """One rank's inputs (read order) and the output permutation over them."""
 
-    shard: np.ndarray  # int64 [S]: shard number of input i
-    index: np.ndarray  # int64 [S]: sample index inside that shard
+    shard: np.ndarray  # int32 (int64 past 2^31) [S]: shard number of input i
+    index: np.ndarray  # int32 (int64 past 2^31) [S]: sample index inside that shard
     pad: np.ndarray  # bool [S]: input i is a pad repeat
-    order: np.ndarray  # int64 [S]: output position -> input i
+    order: np.ndarray  # int32 (int64 past 2^31) [S]: output position -> input i
 
     def __len__(self) -> int:
         return len(self.order)
@@ -56,7 +56,7 @@ class RankOrder:
         """Input positions not yet emitted after CONSUMED outputs, in input order."""
         left = np.ones(len(self.order), dtype=bool)
         left[self.order[:consumed]] = False
-        return np.flatnonzero(left)
+        return np.flatnonzero(left).astype(self.order.dtype)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,7 +103,48 @@ def coalesce(shard: np.ndarray, index: np.ndarray) -> Segments:
     return Segments(shard[starts], index[starts], index[stops - 1] + 1)
 
 
-def shuffle_buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+def _ramp(n: int, buffer: int, initial: int | None) -> tuple[int, int]:
+    """(size, c0): the buffer's slots over N inputs and how many it holds before the first
+    output. A buffer that starts below its size grows by one slot per output (two inputs
+    read per output) until it is full, webdataset's ``initial``: the first batch then
+    waits for c0 + 2 * batch inputs, not for a whole buffer."""
+    size = min(buffer, n)
+    c0 = size if initial is None else max(1, min(initial, size))
+    return size, c0
+
+
+def _ramp_writes(n: int, size: int, c0: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For inputs c0..n-1 of a growing buffer: the slot each input creates (-1 if it
+    replaces one), the draws' upper bounds of the replacing inputs, and which inputs replace."""
+    t = np.arange(c0, n, dtype=np.int64)
+    ramp_end = c0 + 2 * (size - c0)
+    in_ramp = t < ramp_end
+    creates = in_ramp & ((t - c0) % 2 == 0)
+    created = np.where(creates, c0 + (t - c0) // 2, -1)
+    replaces = ~creates
+    highs = np.where(in_ramp, c0 + (t - c0) // 2 + 1, size)[replaces]
+    return created, highs, replaces
+
+
+def _slots_of_inputs(n: int, size: int, c0: int, rng: np.random.Generator, draws: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The slot every input of a growing buffer is written to (the first DRAWS replacing
+    inputs only, when given: the inputs up to that point) and which inputs replace."""
+    created, highs, replaces = _ramp_writes(n, size, c0)
+    if draws is not None:
+        last = np.flatnonzero(replaces)[draws - 1] + 1 if draws else 0
+        created, highs, replaces = created[:last], highs[:draws], replaces[:last]
+    slot = np.empty(c0 + len(created), dtype=np.int32)
+    slot[:c0] = np.arange(c0, dtype=np.int32)
+    body = created.astype(np.int32)
+    body[replaces] = rng.integers(0, highs).astype(np.int32)
+    slot[c0:] = body
+    return slot, np.concatenate([np.zeros(c0, dtype=bool), replaces])
+
+
+def shuffle_buffer_order(
+    n: int, buffer: int, rng: np.random.Generator, initial: int | None = None
+) -> np.ndarray:
     """Output permutation of a streaming shuffle buffer with BUFFER slots over N inputs.
 
     The buffer takes inputs 0..size-1, then each input i >= size replaces the
@@ -111,10 +152,14 @@ def shuffle_buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.nd
     random order. Computed without the loop: the occupant emitted at input i is
     the last input written to slot j_i before it (found by a stable sort of the
     slots, a radix sort for them), or the slot's first input if none was.
+    With INITIAL < BUFFER the buffer starts with INITIAL inputs and grows (see
+    :func:`_ramp`); the same sort finds what each replacing input emits.
     """
     if buffer <= 1 or n <= 1:
         return np.arange(n, dtype=np.int64)
-    size = min(buffer, n)
+    size, c0 = _ramp(n, buffer, initial)
+    if c0 < size:
+        return _growing_buffer_order(n, size, c0, rng)
     m = n - size
     slots = rng.integers(0, size, m, dtype=np.int32)  # the same draws as int64, half the memory
     out = np.empty(n, dtype=np.int64)
@@ -138,32 +183,62 @@ def shuffle_buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.nd
     return out
 
 
-def _reference_shuffle_buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+def _growing_buffer_order(n: int, size: int, c0: int, rng: np.random.Generator) -> np.ndarray:
+    slot, replaces = _slots_of_inputs(n, size, c0, rng)
+    small = slot.astype(np.uint16) if size <= np.iinfo(np.uint16).max else slot
+    order = np.argsort(small, kind="stable")  # every write, by slot, then by time
+    prev = np.empty(n, dtype=np.int64)  # the write before each one in its slot
+    prev[order[1:]] = order[:-1]
+    emitted = prev[np.flatnonzero(replaces)]  # a replacing write emits the slot's occupant
+    by_slot = slot[order]
+    last = order[np.flatnonzero(np.append(by_slot[1:] != by_slot[:-1], True))]
+    return np.concatenate([emitted, last[rng.permutation(len(last))]])
+
+
+def _reference_shuffle_buffer_order(
+    n: int, buffer: int, rng: np.random.Generator, initial: int | None = None
+) -> np.ndarray:
     """The buffer simulated one input at a time (what shuffle_buffer_order computes)."""
     if buffer <= 1 or n <= 1:
         return np.arange(n, dtype=np.int64)
-    size = min(buffer, n)
-    buf = list(range(size))
-    out = np.empty(n, dtype=np.int64)
-    slots = rng.integers(0, size, n - size).tolist()
-    k = 0
-    for i, j in zip(range(size, n), slots, strict=True):
-        out[k] = buf[j]
+    size, c0 = _ramp(n, buffer, initial)
+    buf = list(range(c0))
+    grow = []  # per input after the first c0: True if it takes a new slot
+    while len(buf) + len(grow) // 2 < size and c0 + len(grow) < n:
+        grow += [True, False]
+    grow = (grow + [False] * n)[: n - c0]
+    highs, count = [], c0
+    for g in grow:
+        count += g
+        if not g:
+            highs.append(count)
+    draws = iter(rng.integers(0, np.array(highs, dtype=np.int64)).tolist() if highs else [])
+    out = []
+    for i, g in zip(range(c0, n), grow, strict=True):
+        if g:
+            buf.append(i)
+            continue
+        j = next(draws)
+        out.append(buf[j])
         buf[j] = i
-        k += 1
-    out[k:] = np.asarray(buf, dtype=np.int64)[rng.permutation(size)]
-    return out
+    drain = np.asarray(buf, dtype=np.int64)[rng.permutation(len(buf))]
+    return np.concatenate([np.asarray(out, dtype=np.int64), drain])
 
 
 def rank_order(
-    segments, *, seed: int, epoch: int, generation: int, rank: int, buffer: int
-) -> RankOrder:
+    segments, *, seed: int, epoch: int, generation: int, rank: int, buffer: int,
+    initial: int | None = None,
+) -> RankOrder:  # fmt: skip
     """The rank's inputs and their shuffled output order."""
     shard, index, pad = expand(segments)
     rng = _buffer_rng(seed=seed, epoch=epoch, generation=generation, rank=rank)
-    return RankOrder(
-        shard=shard, index=index, pad=pad, order=shuffle_buffer_order(len(shard), buffer, rng)
-    )
+    order = shuffle_buffer_order(len(shard), buffer, rng, initial)
+    # A rank's plan is 13 bytes per sample held for the epoch: int32 halves it (shard
+    # numbers, sample indexes and positions below 2^31 always hold for one rank).
+    small = len(shard) < 2**31 and (not len(shard) or int(max(shard.max(), index.max())) < 2**31)
+    if small:
+        shard, index, order = (a.astype(np.int32) for a in (shard, index, order))
+    return RankOrder(shard=shard, index=index, pad=pad, order=order)
 
 
 def _buffer_rng(*, seed: int, epoch: int, generation: int, rank: int) -> np.random.Generator:
@@ -172,7 +247,9 @@ def _buffer_rng(*, seed: int, epoch: int, generation: int, rank: int) -> np.rand
     )
 
 
-def pending_positions(n: int, consumed: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+def pending_positions(
+    n: int, consumed: int, buffer: int, rng: np.random.Generator, initial: int | None = None
+) -> np.ndarray:
     """Input positions (sorted) not yet emitted after CONSUMED outputs of the shuffle buffer
     of :func:`shuffle_buffer_order` over N inputs, whose RNG RNG is.
 
@@ -184,7 +261,9 @@ def pending_positions(n: int, consumed: int, buffer: int, rng: np.random.Generat
     """
     if buffer <= 1 or n <= 1:
         return np.arange(min(consumed, n), n, dtype=np.int64)
-    size = min(buffer, n)
+    size, c0 = _ramp(n, buffer, initial)
+    if c0 < size:
+        return _growing_pending(n, consumed, size, c0, rng)
     m = n - size
     if consumed > m:  # draining the buffer: rare (the end of an epoch), the whole order it is
         order = shuffle_buffer_order(n, buffer, rng)
@@ -205,6 +284,23 @@ def pending_positions(n: int, consumed: int, buffer: int, rng: np.random.Generat
     return np.concatenate([np.sort(held), np.arange(size + consumed, n, dtype=np.int64)])
 
 
+def _growing_pending(n: int, consumed: int, size: int, c0: int, rng) -> np.ndarray:
+    """pending_positions for a buffer that starts with C0 < SIZE inputs."""
+    replacing = len(_ramp_writes(n, size, c0)[1])
+    if consumed > replacing:  # draining: the whole order
+        order = _growing_buffer_order(n, size, c0, rng)
+        left = np.ones(n, dtype=bool)
+        left[order[:consumed]] = False
+        return np.flatnonzero(left)
+    slot, _ = _slots_of_inputs(n, size, c0, rng, draws=consumed)
+    read = len(slot)  # inputs read by the time the CONSUMED-th output was emitted
+    small = slot.astype(np.uint16) if size <= np.iinfo(np.uint16).max else slot
+    order = np.argsort(small, kind="stable")
+    by_slot = slot[order]
+    held = order[np.flatnonzero(np.append(by_slot[1:] != by_slot[:-1], True))]
+    return np.concatenate([np.sort(held), np.arange(read, n, dtype=np.int64)])
+
+
 def _select(segments, positions: np.ndarray) -> Segments:
     """The real (not pad) samples at input POSITIONS (sorted) of SEGMENTS, as segments."""
     segs = Segments.of(segments)
@@ -219,27 +315,30 @@ def _select(segments, positions: np.ndarray) -> Segments:
 
 
 def _remaining_stream(
-    split: Split, consumed: int, *, seed: int, epoch: int, generation: int, buffer: int
-) -> Segments:
+    split: Split, consumed: int, *, seed: int, epoch: int, generation: int, buffer: int,
+    initial: int | None = None,
+) -> Segments:  # fmt: skip
     """Unconsumed real samples of every rank after CONSUMED outputs each, rank by rank."""
     out = []
     for r, segs in enumerate(split.ranks):
         n = Segments.of(segs).total
         rng = _buffer_rng(seed=seed, epoch=epoch, generation=generation, rank=r)
-        left = pending_positions(n, consumed, buffer, rng)
+        left = pending_positions(n, consumed, buffer, rng, initial)
         # Pad repeats are left out: the next split re-creates them if it needs them.
         out.append(_select(segs, left))
     return Segments.concat(out)
 
 
 def _reference_remaining_stream(
-    split: Split, consumed: int, *, seed: int, epoch: int, generation: int, buffer: int
-) -> Segments:
+    split: Split, consumed: int, *, seed: int, epoch: int, generation: int, buffer: int,
+    initial: int | None = None,
+) -> Segments:  # fmt: skip
     """_remaining_stream as earlier versions computed it, from every old rank's whole order
     (the tests check that both give the same samples; the scale benchmark times both)."""
     out = []
     for r, segs in enumerate(split.ranks):
-        ro = rank_order(segs, seed=seed, epoch=epoch, generation=generation, rank=r, buffer=buffer)
+        ro = rank_order(segs, seed=seed, epoch=epoch, generation=generation, rank=r,
+                        buffer=buffer, initial=initial)  # fmt: skip
         left = np.sort(ro.order[consumed:])
         left = left[~ro.pad[left]]
         out.append(coalesce(ro.shard[left], ro.index[left]))
@@ -258,8 +357,10 @@ def plan_rank(
     world_size: int,
     batch_size: int,
     rank: int,
+    initial: int | None = None,
 ) -> RankPlan:
-    """Replay HISTORY (earlier generations of this epoch) and plan the current one."""
+    """Replay HISTORY (earlier generations of this epoch) and plan the current one.
+    INITIAL: what the shuffle buffer holds before its first output (None: BUFFER)."""
     buffer = buffer if shuffle else 0
     stream = epoch_stream(sizes, epoch, seed, shuffle)
     offset = 0
@@ -272,26 +373,25 @@ def plan_rank(
                 f"resume state says {gen.steps} steps were taken in a generation of "
                 f"{split.steps} steps: the state does not belong to this dataset/config"
             )
-        stream = _remaining_stream(
-            split, gen.steps * gen.batch_size, seed=seed, epoch=epoch, generation=g, buffer=buffer
-        )
+        stream = _remaining_stream(split, gen.steps * gen.batch_size, seed=seed, epoch=epoch,
+                                   generation=g, buffer=buffer, initial=initial)  # fmt: skip
         offset += gen.steps
         if not stream:
             break
     g = len(history)
     if not stream:  # the epoch was fully consumed before this generation
         none = Segments.of(())
-        empty = Split(ranks=(none,) * world_size, per_rank=0, steps=0, real=0, padded=0,
+        empty = Split(ranks=tuple(none if r == rank else None for r in range(world_size)), per_rank=0, steps=0, real=0, padded=0,
                       dropped=none)  # fmt: skip
-        ro = rank_order((), seed=seed, epoch=epoch, generation=g, rank=rank, buffer=buffer)
+        ro = rank_order((), seed=seed, epoch=epoch, generation=g, rank=rank, buffer=buffer,
+                        initial=initial)  # fmt: skip
         return RankPlan(
             rank=rank, world_size=world_size, batch_size=batch_size, generation=g,
             step_offset=offset, steps=0, split=empty, ranks_order=ro, dropped_before=dropped,
         )  # fmt: skip
-    split = split_stream(stream, world_size, batch_size, policy)
-    ro = rank_order(
-        split.ranks[rank], seed=seed, epoch=epoch, generation=g, rank=rank, buffer=buffer
-    )
+    split = split_stream(stream, world_size, batch_size, policy, rank=rank)
+    ro = rank_order(split.ranks[rank], seed=seed, epoch=epoch, generation=g, rank=rank,
+                    buffer=buffer, initial=initial)  # fmt: skip
     return RankPlan(
         rank=rank,
         world_size=world_size,

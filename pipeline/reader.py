@@ -96,13 +96,14 @@ def to_sample(raw: RawSample, labelled: bool = True) -> Sample:
     return Sample(raw.key, raw.image, label, problem or bad, raw.extra, width, height)
 
 
-def _units(shard: np.ndarray, positions: np.ndarray, max_samples: np.ndarray):
-    """Split the input run into read units: consecutive inputs of one shard, bounded in size."""
+def _units(shard: np.ndarray, positions: np.ndarray, max_samples):
+    """Split the input run into read units: consecutive inputs of one shard, bounded in size
+    (MAX_SAMPLES(shard): samples per read)."""
     if len(shard) == 0:
         return
     brk = np.flatnonzero(np.diff(shard) != 0) + 1
     for a, b in zip(np.concatenate([[0], brk]), np.concatenate([brk, [len(shard)]]), strict=True):
-        step = int(max_samples[shard[a]])
+        step = max_samples(int(shard[a]))
         for lo in range(int(a), int(b), step):
             yield int(shard[a]), positions[lo : min(lo + step, int(b))]
 
@@ -115,10 +116,13 @@ class InputReader:
         self.ro = ranks_order
         self.positions = positions
         self.read_ahead = read_ahead
-        shards = dataset.manifest.shards
-        avg = np.maximum(1, shards.bytes // np.maximum(1, shards.samples))
-        self.max_samples = np.maximum(1, dataset.max_read_bytes // avg)
         self._pool: ThreadPoolExecutor | None = None
+
+    def max_samples(self, shard: int) -> int:
+        """Samples of SHARD per read of at most max_read_bytes (from its average size)."""
+        shards = self.dataset.manifest.shards
+        avg = max(1, int(shards.bytes[shard]) // max(1, int(shards.samples[shard])))
+        return max(1, self.dataset.max_read_bytes // avg)
 
     def _read_unit(self, shard: int, pos: np.ndarray) -> list[tuple[int, Sample]]:
         idx = self.ro.index[pos]

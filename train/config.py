@@ -88,6 +88,11 @@ class DataConfig:
     shuffle_buffer: int = _opt(
         4096, "samples per rank in the shuffle buffer (default: %(default)s)"
     )
+    shuffle_initial: int | None = _opt(
+        None, "samples the shuffle buffer holds before its first output; it grows by one per "
+        "output to --shuffle-buffer (default: 2 x the per-rank batch; = --shuffle-buffer "
+        "starts it full, as versions before it did)",
+    )  # fmt: skip
     # -- augmentation (training only; the same meaning on every backend)
     recipe: str = _opt(
         "auto",
@@ -153,6 +158,8 @@ class DataConfig:
         _check_range("--dali-threads", self.dali_threads, 0)
         _check_choice("--recipe", self.recipe, ("auto", "small", "imagenet"))
         _check_range("--shuffle-buffer", self.shuffle_buffer, 0)
+        if self.shuffle_initial is not None:
+            _check_range("--shuffle-initial", self.shuffle_initial, 1)
         _check_choice("--cache", self.cache, ("none", "device"))
         _check_range("--synthetic-samples", self.synthetic_samples, 1)
         for name in ("scale", "ratio", "mean", "std"):  # a config file gives lists
@@ -167,7 +174,8 @@ class DataConfig:
     def loader_fields(self) -> dict[str, Any]:
         """The fields that map one to one onto pipeline.LoaderConfig."""
         names = ("prefetch", "read_ahead", "reader", "max_read_mb", "retries", "retry_backoff_s",
-                 "hw_decoder_load", "dtype", "shuffle", "shuffle_buffer", "hflip", "vflip",
+                 "hw_decoder_load", "dtype", "shuffle", "shuffle_buffer", "shuffle_initial", "hflip",
+                 "vflip",
                  "rotate_deg", "translate", "scale", "ratio", "pad_px", "brightness", "contrast",
                  "saturation", "mean", "std", "eval_resize", "cache", "cache_max_gb",
                  "synthetic_samples", "num_workers")  # fmt: skip

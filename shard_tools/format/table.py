@@ -36,9 +36,9 @@ COLUMNS = INT_COLUMNS + TEXT_COLUMNS
 
 # A shard name is a relative path below the dataset (or base_url): a line of the
 # name column that matches any of these is refused.
-_BAD_PATH = re.compile(r"^$|://|\\|^/|//|/$|(?:^|/)\.{1,2}(?:/|$)|[\x00-\x09\x0b-\x1f]", re.M)
+_BAD_PATH = re.compile(rb"^$|://|\\|^/|//|/$|(?:^|/)\.{1,2}(?:/|$)|[\x00-\x09\x0b-\x1f]", re.M)
 # Index and labels files are plain names in the manifest's folder ("" = none).
-_BAD_PLAIN = re.compile(r"[/\\]|^\.\.|^\.$|[\x00-\x09\x0b-\x1f]", re.M)
+_BAD_PLAIN = re.compile(rb"[/\\]|^\.\.|^\.$|[\x00-\x09\x0b-\x1f]", re.M)
 
 
 def _may_be_bad(blob: bytes, path: bool) -> bool:
@@ -67,10 +67,10 @@ class ManifestError(ValueError):
 TableError = ManifestError
 
 
-def _line_at(text: str, pos: int) -> str:
-    a = text.rfind("\n", 0, pos) + 1
-    b = text.find("\n", pos)
-    return text[a : b if b >= 0 else len(text)]
+def _line_at(blob: bytes, pos: int) -> str:
+    a = blob.rfind(b"\n", 0, pos) + 1
+    b = blob.find(b"\n", pos)
+    return blob[a : b if b >= 0 else len(blob)].decode("utf-8", "replace")
 
 
 class TextColumn(Sequence):
@@ -78,10 +78,15 @@ class TextColumn(Sequence):
 
     def __init__(self, blob: bytes, count: int) -> None:
         self.blob = blob
+        self.count = count
         if count == 0:
             if blob:
                 raise TableError("a text column of 0 values holds bytes")
             self.ends = np.zeros(0, dtype=np.int64)
+            return
+        self.count = count
+        if blob == b"\n" * (count - 1):  # every value empty (no index, no labels): no offsets
+            self.ends = None
             return
         cuts = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == 10)
         if len(cuts) != count - 1:
@@ -94,7 +99,7 @@ class TextColumn(Sequence):
         return cls("\n".join(values).encode("utf-8"), len(values))
 
     def __len__(self) -> int:
-        return len(self.ends)
+        return self.count
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -103,6 +108,8 @@ class TextColumn(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
+        if self.ends is None:
+            return ""
         a = int(self.ends[i - 1]) + 1 if i else 0
         return self.blob[a : int(self.ends[i])].decode("utf-8")
 
@@ -137,12 +144,12 @@ def _check_column(name: str, col) -> None:
         return
     if not isinstance(col, TextColumn) or name not in ("name", "index", "labels") or not len(col):
         return
-    text = col.text()
+    blob = col.blob  # checked as bytes: no str copy of a column of 10^5 names
     path = name == "name"
-    bad = (_BAD_PATH if path else _BAD_PLAIN).search(text) if _may_be_bad(col.blob, path) else None
+    bad = (_BAD_PATH if path else _BAD_PLAIN).search(blob) if _may_be_bad(blob, path) else None
     if bad is None:
         return
-    value = _line_at(text, bad.start())
+    value = _line_at(blob, bad.start())
     if name == "name":
         raise TableError(
             "shard name must be a plain file name or a relative path below the dataset, "
@@ -234,7 +241,8 @@ class ShardTable(Sequence):
         else:
             try:
                 col = TextColumn(raw, self.count)
-                col.text()
+                if not raw.isascii():  # names are ASCII in the common case: no copy to check
+                    raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise TableError(f"{what}: column {name} is not UTF-8") from None
             except TableError as exc:

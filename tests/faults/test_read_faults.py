@@ -199,7 +199,7 @@ def test_shard_verify_flags_every_fault(clean_ds, tmp_path, fault, figures):
 
 def test_verify_is_clean_before_damage(clean_ds):
     assert verify(str(clean_ds)).ok
-    assert len(tree_digest(clean_ds)) == 4 * 2 + 2  # 4 shards + 4 indexes + manifest + rejected
+    assert len(tree_digest(clean_ds)) == 4 * 2 + 3  # shards, indexes, manifest, table, rejected
 
 
 def test_trainer_names_a_truncated_shard_in_one_line(clean_ds, tmp_path, figures):

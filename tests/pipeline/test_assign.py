@@ -217,9 +217,10 @@ def test_expand_matches_segments():
     assert np.all(index >= 0)
 
 
+@pytest.mark.parametrize("initial", [None, 1, 3, 64])
 @pytest.mark.parametrize(("n", "buffer"), [(0, 5), (1, 5), (5, 5), (6, 5), (37, 7), (1000, 1),
                                            (1000, 4096), (5000, 4096), (60000, 4096), (3000, 70000)])  # fmt: skip
-def test_the_vectorised_shuffle_buffer_is_the_one_input_at_a_time_buffer(n, buffer):
+def test_the_vectorised_shuffle_buffer_is_the_one_input_at_a_time_buffer(n, buffer, initial):
     from pipeline.order import (
         _reference_shuffle_buffer_order,
         pending_positions,
@@ -227,16 +228,30 @@ def test_the_vectorised_shuffle_buffer_is_the_one_input_at_a_time_buffer(n, buff
     )
 
     for seed in (0, 1):
-        order = shuffle_buffer_order(n, buffer, np.random.default_rng(seed))
-        assert np.array_equal(
-            order, _reference_shuffle_buffer_order(n, buffer, np.random.default_rng(seed))
-        )
+        rng = np.random.default_rng
+        order = shuffle_buffer_order(n, buffer, rng(seed), initial)
+        assert np.array_equal(order, _reference_shuffle_buffer_order(n, buffer, rng(seed), initial))
+        assert sorted(order.tolist()) == list(range(n))
         size = min(buffer, n)
-        for consumed in sorted({0, 1, n // 3, max(0, n - size), max(0, n - size) + 1, n}):
+        ramp = 2 * max(0, size - (initial or size))  # a growing buffer reads 2 inputs per output
+        for consumed in sorted({0, 1, n // 3, max(0, n - size), max(0, n - size) + 1, n,
+                                min(n, ramp // 2), min(n, ramp // 2 + 1)}):  # fmt: skip
             want = np.sort(order[consumed:])
-            assert np.array_equal(
-                pending_positions(n, consumed, buffer, np.random.default_rng(seed)), want
-            )
+            got = pending_positions(n, consumed, buffer, rng(seed), initial)
+            assert np.array_equal(got, want)
+
+
+def test_a_growing_buffer_emits_its_first_outputs_from_the_first_inputs():
+    from pipeline.order import shuffle_buffer_order
+
+    n, buffer, initial = 3000, 256, 16
+    order = shuffle_buffer_order(n, buffer, np.random.default_rng(4), initial)
+    # Output k can only be an input already read: at most initial + 2k + 1 during the ramp.
+    k = np.arange(buffer - initial)
+    assert np.all(order[k] <= initial + 2 * k + 1)
+    # Started full, output k waits for input buffer + k: early outputs come from further in.
+    full = shuffle_buffer_order(n, buffer, np.random.default_rng(4))
+    assert np.any(full[k] > initial + 2 * k + 1)
 
 
 @pytest.mark.parametrize("policy", ["pad", "drop"])
@@ -245,10 +260,11 @@ def test_the_remaining_stream_is_what_the_whole_orders_leave(policy):
     from pipeline.order import _reference_remaining_stream, _remaining_stream
 
     sizes = [370, 120, 501, 213, 88]
-    for world, batch, buffer in ((4, 3, 64), (3, 5, 1), (2, 7, 4096)):
+    for world, batch, buffer, initial in ((4, 3, 64, None), (3, 5, 1, None), (2, 7, 4096, None),
+                                          (4, 3, 64, 6), (2, 7, 4096, 14)):  # fmt: skip
         split = split_stream(epoch_stream(sizes, 2, 9), world, batch, policy)
         for k in (0, 1, split.steps // 2, split.steps):
-            kw = dict(seed=9, epoch=2, generation=0, buffer=buffer)
+            kw = dict(seed=9, epoch=2, generation=0, buffer=buffer, initial=initial)
             a = expand(_remaining_stream(split, k * batch, **kw))
             b = expand(_reference_remaining_stream(split, k * batch, **kw))
             assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))

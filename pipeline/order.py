@@ -113,33 +113,40 @@ def _ramp(n: int, buffer: int, initial: int | None) -> tuple[int, int]:
     return size, c0
 
 
-def _ramp_writes(n: int, size: int, c0: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For inputs c0..n-1 of a growing buffer: the slot each input creates (-1 if it
-    replaces one), the draws' upper bounds of the replacing inputs, and which inputs replace."""
-    t = np.arange(c0, n, dtype=np.int64)
-    ramp_end = c0 + 2 * (size - c0)
-    in_ramp = t < ramp_end
-    creates = in_ramp & ((t - c0) % 2 == 0)
-    created = np.where(creates, c0 + (t - c0) // 2, -1)
-    replaces = ~creates
-    highs = np.where(in_ramp, c0 + (t - c0) // 2 + 1, size)[replaces]
-    return created, highs, replaces
+def _ramp_inputs(n: int, size: int, c0: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The growing stretch of a buffer that starts with C0 < SIZE inputs: inputs c0,
+    c0+1, ... alternately take a new slot and replace one, until SIZE slots exist (2 *
+    (size - c0) inputs at most, a few thousand). Returns the slot each of those inputs
+    creates (-1: it replaces), the draws' upper bounds of the replacing ones, and how
+    many inputs follow the ramp (each replaces one of SIZE slots)."""
+    k = np.arange(min(n - c0, 2 * (size - c0)), dtype=np.int64)
+    created = np.where(k % 2 == 0, c0 + k // 2, -1)
+    highs = c0 + k[1::2] // 2 + 1  # slots that exist when a replacing input arrives
+    return created, highs, n - c0 - len(k)
+
+
+def _draws(rng: np.random.Generator, highs: np.ndarray, size: int, rest: int) -> np.ndarray:
+    """The slots drawn by the replacing inputs, in input order: the ramp's, then REST
+    draws over SIZE slots (a prefix of them is what fewer inputs would have drawn)."""
+    ramp = rng.integers(0, highs).astype(np.int32) if len(highs) else np.zeros(0, np.int32)
+    return np.concatenate([ramp, rng.integers(0, size, rest, dtype=np.int32)])
 
 
 def _slots_of_inputs(n: int, size: int, c0: int, rng: np.random.Generator, draws: int | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """The slot every input of a growing buffer is written to (the first DRAWS replacing
-    inputs only, when given: the inputs up to that point) and which inputs replace."""
-    created, highs, replaces = _ramp_writes(n, size, c0)
+                     ) -> np.ndarray:  # fmt: skip
+    """The slot every input of a growing buffer is written to; with DRAWS, only the inputs
+    up to the DRAWS-th replacing one (what has been read when that many were emitted)."""
+    created, highs, rest = _ramp_inputs(n, size, c0)
     if draws is not None:
-        last = np.flatnonzero(replaces)[draws - 1] + 1 if draws else 0
-        created, highs, replaces = created[:last], highs[:draws], replaces[:last]
-    slot = np.empty(c0 + len(created), dtype=np.int32)
-    slot[:c0] = np.arange(c0, dtype=np.int32)
+        ramp_draws = min(draws, len(highs))
+        highs, rest = highs[:ramp_draws], draws - ramp_draws
+        # Inputs read: the first c0, the ramp up to its ramp_draws-th replacing input, rest.
+        created = created[: 2 * ramp_draws] if rest == 0 else created
     body = created.astype(np.int32)
-    body[replaces] = rng.integers(0, highs).astype(np.int32)
-    slot[c0:] = body
-    return slot, np.concatenate([np.zeros(c0, dtype=bool), replaces])
+    drawn = _draws(rng, highs, size, rest)
+    replacing = body < 0
+    body[replacing] = drawn[: int(replacing.sum())]
+    return np.concatenate([np.arange(c0, dtype=np.int32), body, drawn[int(replacing.sum()) :]])
 
 
 def shuffle_buffer_order(
@@ -184,12 +191,16 @@ def shuffle_buffer_order(
 
 
 def _growing_buffer_order(n: int, size: int, c0: int, rng: np.random.Generator) -> np.ndarray:
-    slot, replaces = _slots_of_inputs(n, size, c0, rng)
+    slot = _slots_of_inputs(n, size, c0, rng)
+    created, _, _ = _ramp_inputs(n, size, c0)
+    replaces = np.ones(n, dtype=bool)  # which inputs replace a slot (and emit its occupant)
+    replaces[:c0] = False
+    replaces[c0 : c0 + len(created)] = created < 0
     small = slot.astype(np.uint16) if size <= np.iinfo(np.uint16).max else slot
     order = np.argsort(small, kind="stable")  # every write, by slot, then by time
     prev = np.empty(n, dtype=np.int64)  # the write before each one in its slot
     prev[order[1:]] = order[:-1]
-    emitted = prev[np.flatnonzero(replaces)]  # a replacing write emits the slot's occupant
+    emitted = prev[replaces]  # a replacing write emits the slot's occupant
     by_slot = slot[order]
     last = order[np.flatnonzero(np.append(by_slot[1:] != by_slot[:-1], True))]
     return np.concatenate([emitted, last[rng.permutation(len(last))]])
@@ -203,16 +214,21 @@ def _reference_shuffle_buffer_order(
         return np.arange(n, dtype=np.int64)
     size, c0 = _ramp(n, buffer, initial)
     buf = list(range(c0))
-    grow = []  # per input after the first c0: True if it takes a new slot
-    while len(buf) + len(grow) // 2 < size and c0 + len(grow) < n:
-        grow += [True, False]
-    grow = (grow + [False] * n)[: n - c0]
-    highs, count = [], c0
-    for g in grow:
-        count += g
-        if not g:
-            highs.append(count)
-    draws = iter(rng.integers(0, np.array(highs, dtype=np.int64)).tolist() if highs else [])
+    if c0 < size:  # growing: an input takes a new slot while the buffer is below its size
+        highs, grow = [], []
+        count = c0
+        for _ in range(c0, n):
+            grows = count < size and (len(grow) == 0 or not grow[-1])
+            grow.append(grows)
+            count += grows
+            if not grows:
+                highs.append(count)
+        n_ramp = min(n - c0, 2 * (size - c0))
+        ramp_highs = np.array(highs[: n_ramp // 2], dtype=np.int64)
+        draws = iter(_draws(rng, ramp_highs, size, len(highs) - len(ramp_highs)).tolist())
+    else:
+        grow = [False] * (n - c0)
+        draws = iter(rng.integers(0, size, n - size).tolist())
     out = []
     for i, g in zip(range(c0, n), grow, strict=True):
         if g:
@@ -286,19 +302,33 @@ def pending_positions(
 
 def _growing_pending(n: int, consumed: int, size: int, c0: int, rng) -> np.ndarray:
     """pending_positions for a buffer that starts with C0 < SIZE inputs."""
-    replacing = len(_ramp_writes(n, size, c0)[1])
-    if consumed > replacing:  # draining: the whole order
+    _, highs, rest = _ramp_inputs(n, size, c0)
+    if consumed > len(highs) + rest:  # draining: the whole order
         order = _growing_buffer_order(n, size, c0, rng)
         left = np.ones(n, dtype=bool)
         left[order[:consumed]] = False
         return np.flatnonzero(left)
-    slot, _ = _slots_of_inputs(n, size, c0, rng, draws=consumed)
+    slot = _slots_of_inputs(n, size, c0, rng, draws=consumed)
     read = len(slot)  # inputs read by the time the CONSUMED-th output was emitted
-    small = slot.astype(np.uint16) if size <= np.iinfo(np.uint16).max else slot
-    order = np.argsort(small, kind="stable")
-    by_slot = slot[order]
-    held = order[np.flatnonzero(np.append(by_slot[1:] != by_slot[:-1], True))]
-    return np.concatenate([np.sort(held), np.arange(read, n, dtype=np.int64)])
+    return np.concatenate([np.sort(_last_writers(slot)), np.arange(read, n, dtype=np.int64)])
+
+
+def _last_writers(slot: np.ndarray) -> np.ndarray:
+    """For every slot written in SLOT (the slot of each input, in input order), the last
+    input written to it: searched from the end in growing windows, since every slot of a
+    buffer is written again within a few times its size."""
+    slots = int(slot.max()) + 1
+    held = np.zeros(slots, dtype=np.int64)
+    unseen = np.ones(slots, dtype=bool)
+    hi, width = len(slot), 16 * slots
+    while hi > 0 and unseen.any():
+        lo = max(0, hi - width)
+        values, first = np.unique(slot[lo:hi][::-1], return_index=True)
+        new = unseen[values]
+        held[values[new]] = hi - 1 - first[new]
+        unseen[values[new]] = False
+        hi, width = lo, width * 2
+    return held
 
 
 def _select(segments, positions: np.ndarray) -> Segments:

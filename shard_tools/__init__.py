@@ -13,7 +13,9 @@
 - ``shard-NNNNNN.idx``: DALI's webdataset index (v1.2, as ``wds2idx``
   writes it), built from the offsets the writer knows;
 - ``rejected.jsonl``: ``{"path", "reason"}`` per input not packed;
-- ``manifest.json``, written last: the commit marker.
+- ``manifest.shards``: the per-shard table, column by column (format 3);
+- ``manifest.json``, written last: the commit marker, with the totals and
+  each table column's byte range and sha256.
 
 The format (keys, members, tar layout, ``.idx``, manifest) is defined once,
 writer and reader side by side, in ``shard_tools.format``; the pipeline reads

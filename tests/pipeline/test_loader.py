@@ -314,3 +314,47 @@ def test_hw_decoder_load_reaches_only_the_gpu_decoder(small_ds):
         assert set(next(iter(loader)).keys) <= all_keys(small_ds)
     finally:
         loader.close()
+
+
+def test_the_first_batch_waits_for_a_few_shards_not_a_whole_buffer(tmp_path):
+    from benchmarks.scale import tiny_dataset
+
+    root = str(tiny_dataset(tmp_path / "tiny", shards=60, per_shard=4))
+    read: dict[str, list[int]] = {}
+    for name, initial in (("growing", None), ("full", 200)):
+        cfg = LoaderConfig(data=root, backend="torch", num_workers=0, batch_size=4, image_size=8,
+                           recipe="small", shuffle_buffer=200, shuffle_initial=initial,
+                           read_ahead=0)  # fmt: skip
+        loader = build_loader(cfg, World())
+        shards = read[name] = []
+        real = loader.dataset.read_samples
+        loader.dataset.read_samples = lambda s, i, real=real, shards=shards: (
+            shards.append(s) or real(s, i)
+        )
+        first = next(iter(loader))
+        assert len(first) == 4
+        loader.close()
+    # The reader stops once the batch's samples are in. Started at 2 batches (8 samples),
+    # output k is one of the first 8 + 2k + 1 inputs: 4 shards of 4 at most for the first
+    # batch. Started full, its 4 outputs are drawn from the first 204 inputs (51 shards).
+    assert len(set(read["growing"])) <= 4 and len(set(read["full"])) >= 20
+
+
+def test_a_state_saved_before_shuffle_initial_existed_resumes_with_a_full_buffer(small_ds):
+    cfg = cfg_for("torch", small_ds, shuffle_initial=20)  # = shuffle_buffer: starts full
+    full = build_loader(cfg, World())
+    expected = [b.keys for b in full]
+    first = build_loader(cfg, World())
+    it = iter(first)
+    head = [next(it).keys for _ in range(4)]
+    state = first.state_dict()
+    first.close()
+    del state["shuffle_initial"]  # as versions before it saved their state
+    resumed = build_loader(cfg, World())
+    resumed.load_state_dict(state)
+    assert head + [b.keys for b in resumed] == expected
+    growing = build_loader(cfg_for("torch", small_ds), World())  # default: starts at 2 batches
+    with pytest.raises(
+        ValueError, match="shuffle_initial=20 but this loader has shuffle_initial=14"
+    ):
+        growing.load_state_dict(state)

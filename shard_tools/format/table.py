@@ -41,13 +41,14 @@ _BAD_PATH = re.compile(rb"^$|://|\\|^/|//|/$|(?:^|/)\.{1,2}(?:/|$)|[\x00-\x09\x0
 _BAD_PLAIN = re.compile(rb"[/\\]|^\.\.|^\.$|[\x00-\x09\x0b-\x1f]", re.M)
 
 
-def _may_be_bad(blob: bytes, path: bool) -> bool:
+def _may_be_bad(blob: bytes, path: bool, ends: np.ndarray | None = None) -> bool:
     """A cheap vectorised pre-test over the column's bytes (the regex with its
-    alternatives is far slower): False means no line can match the regex."""
+    alternatives is far slower): False means no line can match the regex. ENDS: where
+    each line ends (the TextColumn's offsets), to not search the newlines again."""
     a = np.frombuffer(blob, dtype=np.uint8)
-    if not len(a) or np.any((a < 32) & (a != 10)) or b"\\" in blob:
+    if not len(a) or b"\\" in blob or np.any((a < 32) & (a != 10)):
         return True
-    starts = np.flatnonzero(a == 10) + 1  # first byte of every line but the first
+    starts = (ends[:-1] if ends is not None else np.flatnonzero(a == 10)) + 1  # line starts
     firsts = np.append(a[starts[starts < len(a)]], a[0])
     if np.any(firsts == ord(".")) or (path and np.any((firsts == 10) | (firsts == ord("/")))):
         return True
@@ -146,7 +147,10 @@ def _check_column(name: str, col) -> None:
         return
     blob = col.blob  # checked as bytes: no str copy of a column of 10^5 names
     path = name == "name"
-    bad = (_BAD_PATH if path else _BAD_PLAIN).search(blob) if _may_be_bad(blob, path) else None
+    if col.ends is None and not path:  # every value empty: no index / no labels files
+        return
+    suspect = _may_be_bad(blob, path, col.ends)
+    bad = (_BAD_PATH if path else _BAD_PLAIN).search(blob) if suspect else None
     if bad is None:
         return
     value = _line_at(blob, bad.start())
@@ -238,6 +242,8 @@ class ShardTable(Sequence):
             col = np.frombuffer(raw, dtype="<i8").astype(np.int64, copy=False)
             if len(col) != self.count:
                 raise TableError(f"{what}: column {name} holds {len(col)} values, not {self.count}")
+            if name == "samples" and (not len(col) or 0 <= col.min() <= col.max() < 2**31):
+                col = col.astype(np.int32)  # held for the run: half the memory per shard
         else:
             try:
                 col = TextColumn(raw, self.count)

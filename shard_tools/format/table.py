@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from shard_tools.format.names import index_name
+from shard_tools.format.names import index_name, shard_name
 
 TABLE_NAME = "manifest.shards"
 INT_COLUMNS = ("samples", "bytes")
@@ -119,6 +119,25 @@ class TextColumn(Sequence):
 
     def text(self) -> str:
         return self.blob.decode("utf-8")
+
+
+class NumberedColumn(Sequence):
+    """The names ``shard pack`` gives (``shard-000000.tar``, ...), stored as nothing."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.count))]
+        if i < 0:
+            i += self.count
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        return shard_name(i)
 
 
 class DerivedColumn(Sequence):
@@ -223,6 +242,8 @@ class ShardTable(Sequence):
         enc = spec.get("encoding") if isinstance(spec, dict) else None
         if enc == "index_name":
             return DerivedColumn(self.column("name"), index_name)
+        if enc == "shard_name" and name == "name":
+            return NumberedColumn(self.count)
         if enc not in ("int64", "lines"):
             raise TableError(f"{what}: column {name} has unknown encoding {enc!r}")
         start, length = int(spec["offset"]), int(spec["length"])
@@ -322,6 +343,9 @@ class ShardTable(Sequence):
         names = self.column("name")
         for c in COLUMNS:
             col = self.column(c)
+            if c == "name" and all(n == shard_name(i) for i, n in enumerate(col)):
+                columns[c] = {"encoding": "shard_name"}  # the pack's numbering
+                continue
             if (
                 c == "index"
                 and len(col)

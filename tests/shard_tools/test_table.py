@@ -77,12 +77,19 @@ def test_a_reader_fetches_only_the_columns_it_uses(tmp_path):
     assert m.shards.names[49] == "shard-000049.tar" and len(m.shards.names) == 50
 
 
-def test_index_names_beside_their_shards_are_stored_as_a_rule(tmp_path):
+def test_pack_names_and_index_names_beside_their_shards_are_stored_as_rules(tmp_path):
     m = _manifest(12)
     m = dataclasses.replace(m, shards=[dataclasses.replace(s, index=index_name(s.name))
                                        for s in m.shards])  # fmt: skip
     _, spec = m.shards.encode()
     assert spec["columns"]["index"] == {"encoding": "index_name"}
+    assert spec["columns"]["name"] == {"encoding": "shard_name"}
+    _write(tmp_path, m)
+    back = read_manifest(str(tmp_path))
+    assert list(back.shards.names) == [f"shard-{i:06d}.tar" for i in range(12)]
+    assert back.shards[11].index == "shard-000011.idx" and back == m
+    _, spec = _manifest(3, adopted=True).shards.encode()  # other names: stored as they are
+    assert spec["columns"]["name"]["encoding"] == "lines"
     _, spec = _manifest(12).shards.encode()  # some shards without an index: stored as lines
     assert spec["columns"]["index"]["encoding"] == "lines"
 

@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         "--archive", type=Path, default=REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
     )
     p.add_argument("--readme", type=Path, help="render the table into this README's markers")
+    p.add_argument("--table-only", action="store_true",
+                   help="train nothing: the table of the runs in WORK_DIR/results.json so far")  # fmt: skip
     args = p.parse_args(argv)
     models = args.models.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -181,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
-    data = prepare(args.work, args.archive)
     results_path = args.work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    for row in rows:
+    data = {} if args.table_only else prepare(args.work, args.archive)
+    for row in [] if args.table_only else rows:
         for model in models:
             for seed in seeds:
                 results[f"{row}/{model}/seed{seed}"] = train(

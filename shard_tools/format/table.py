@@ -74,7 +74,29 @@ def _line_at(blob: bytes, pos: int) -> str:
     return blob[a : b if b >= 0 else len(blob)].decode("utf-8", "replace")
 
 
-class TextColumn(Sequence):
+class _Indexed(Sequence):
+    """A sequence of ``count`` values computed one at a time by ``_at(i)``; slices and
+    negative positions as for a list."""
+
+    count: int
+
+    def _at(self, i: int):
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._at(j) for j in range(*i.indices(self.count))]
+        if i < 0:
+            i += self.count
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        return self._at(i)
+
+
+class TextColumn(_Indexed):
     """N strings kept as one UTF-8 blob and N+1 offsets; decoded one at a time on access."""
 
     def __init__(self, blob: bytes, count: int) -> None:
@@ -99,16 +121,7 @@ class TextColumn(Sequence):
     def of(cls, values: Sequence[str]) -> TextColumn:
         return cls("\n".join(values).encode("utf-8"), len(values))
 
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def _at(self, i: int) -> str:
         if self.ends is None:
             return ""
         a = int(self.ends[i - 1]) + 1 if i else 0
@@ -121,37 +134,23 @@ class TextColumn(Sequence):
         return self.blob.decode("utf-8")
 
 
-class NumberedColumn(Sequence):
+class NumberedColumn(_Indexed):
     """The names ``shard pack`` gives (``shard-000000.tar``, ...), stored as nothing."""
 
     def __init__(self, count: int) -> None:
         self.count = count
 
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self.count))]
-        if i < 0:
-            i += self.count
-        if not 0 <= i < self.count:
-            raise IndexError(i)
+    def _at(self, i: int) -> str:
         return shard_name(i)
 
 
-class DerivedColumn(Sequence):
+class DerivedColumn(_Indexed):
     """A column stored as a rule: every value is a function of the shard's name."""
 
-    def __init__(self, names: TextColumn, rule) -> None:
-        self.names, self.rule = names, rule
+    def __init__(self, names: Sequence[str], rule) -> None:
+        self.names, self.rule, self.count = names, rule, len(names)
 
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def _at(self, i: int) -> str:
         return self.rule(self.names[i])
 
 
@@ -181,7 +180,7 @@ def _check_column(name: str, col) -> None:
     raise TableError(f"{name} name must be a plain file name, got {value!r}")
 
 
-class ShardTable(Sequence):
+class ShardTable(_Indexed):
     """The shards of a manifest: ``table[i]`` is a :class:`ShardInfo`; columns as arrays.
 
     Built from ShardInfo rows (writers, manifests of formats 1 and 2) or opened
@@ -304,18 +303,9 @@ class ShardTable(Sequence):
         return None if (v == "" and name in NULLABLE) else v
 
     # -- rows -------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, i):
+    def _at(self, i: int):
         from shard_tools.format.manifest import ShardInfo
 
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self.count))]
-        if i < 0:
-            i += self.count
-        if not 0 <= i < self.count:
-            raise IndexError(i)
         return ShardInfo(**{c: self.value(c, i) for c in COLUMNS})
 
     def __iter__(self):

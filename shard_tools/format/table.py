@@ -97,7 +97,8 @@ class _Indexed(Sequence):
 
 
 class TextColumn(_Indexed):
-    """N strings kept as one UTF-8 blob and N+1 offsets; decoded one at a time on access."""
+    """N strings kept as one UTF-8 blob and where each ends (none when every one is
+    empty); decoded one at a time on access."""
 
     def __init__(self, blob: bytes, count: int) -> None:
         self.blob = blob
@@ -107,7 +108,6 @@ class TextColumn(_Indexed):
                 raise TableError("a text column of 0 values holds bytes")
             self.ends = np.zeros(0, dtype=np.int64)
             return
-        self.count = count
         if blob == b"\n" * (count - 1):  # every value empty (no index, no labels): no offsets
             self.ends = None
             return

@@ -97,6 +97,8 @@ def train(work: Path, data: dict[str, Path], row: str, model: str, seed: int, ep
     subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
     summary = _summary(out)
     summary["wall_s"] = round(time.perf_counter() - t, 1)
+    # Paths relative to the work dir: the summaries are committed and must not name this machine.
+    summary["data"] = json.loads(json.dumps(summary["data"]).replace(str(work), "WORK"))
     (out / "study.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -76,22 +76,26 @@ def random_resized_crop(
     counters: np.ndarray, width: np.ndarray, height: np.ndarray, scale, ratio
 ) -> np.ndarray:
     """torchvision's RandomResizedCrop.get_params for every sample: [B, 4] x, y, w, h."""
-    b = len(counters)
     area = (width * height).astype(np.float64)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    out = np.zeros((b, 4), dtype=np.float32)
-    done = np.zeros(b, dtype=bool)
+    out = np.zeros((len(counters), 4), dtype=np.float32)
+    done = np.zeros(len(counters), dtype=bool)
     for attempt in range(RRC_ATTEMPTS):
+        # Only the samples still without a window draw again (most succeed at once).
+        rest = np.flatnonzero(~done)
+        if len(rest) == 0:
+            break
+        c, wd, ht = counters[rest], width[rest], height[rest]
         base = _U_RRC + 4 * attempt
-        target = area * (scale[0] + (scale[1] - scale[0]) * uniforms(counters, base))
-        aspect = np.exp(log_lo + (log_hi - log_lo) * uniforms(counters, base + 1))
+        target = area[rest] * (scale[0] + (scale[1] - scale[0]) * uniforms(c, base))
+        aspect = np.exp(log_lo + (log_hi - log_lo) * uniforms(c, base + 1))
         w = np.round(np.sqrt(target * aspect))
         h = np.round(np.sqrt(target / aspect))
-        ok = ~done & (w > 0) & (h > 0) & (w <= width) & (h <= height)
-        y = np.floor(uniforms(counters, base + 2) * (height - h + 1))
-        x = np.floor(uniforms(counters, base + 3) * (width - w + 1))
-        out[ok] = np.stack([x, y, w, h], axis=1)[ok]
-        done |= ok
+        ok = (w > 0) & (h > 0) & (w <= wd) & (h <= ht)
+        y = np.floor(uniforms(c[ok], base + 2) * (ht[ok] - h[ok] + 1))
+        x = np.floor(uniforms(c[ok], base + 3) * (wd[ok] - w[ok] + 1))
+        out[rest[ok]] = np.stack([x, y, w[ok], h[ok]], axis=1)
+        done[rest[ok]] = True
     if not done.all():  # torchvision's fallback: the largest centre crop within the ratio range
         rest = ~done
         wr, hr = width[rest].astype(np.float64), height[rest].astype(np.float64)
@@ -112,7 +116,6 @@ def draw(
     if not cfg.train:
         return None
     c = sample_counters(keys, cfg.seed, epoch)
-    b = len(keys)
     size = float(cfg.image_size)
     crop = pad_anchor = angle = offset = colour = None
     if cfg.recipe == "small":
@@ -135,6 +138,5 @@ def draw(
         colour = (1 + (2 * u - 1) * amounts).astype(np.float32)
     hflip = (uniforms(c, _U_FLIP_H) < cfg.hflip).astype(np.int32)
     vflip = (uniforms(c, _U_FLIP_V) < cfg.vflip).astype(np.int32)
-    _ = b
     return BatchParams(crop=crop, pad_anchor=pad_anchor, angle=angle, offset=offset, colour=colour,
                        hflip=hflip, vflip=vflip)  # fmt: skip

@@ -6,6 +6,11 @@ keeps freed chunks of that size in its heap (its mmap threshold grows after the
 first large free), so a process that planned 10^7 samples stays hundreds of MB
 larger than what it still holds, on every rank. ``malloc_trim`` hands the free
 pages back; elsewhere (musl, macOS) there is nothing to call and nothing is done.
+
+The shard reader's process wants the opposite (:func:`keep_freed_memory`): it
+copies every image out of a read buffer and frees it again a few batches later,
+and memory the OS must fault in and zero first is copied into at a fifth of the
+speed of memory the heap already holds (page faults: ~4 against ~24 GB/s here).
 """
 
 from __future__ import annotations
@@ -15,14 +20,28 @@ import ctypes.util
 import functools
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# Allocations up to this size come from the heap (a read of max_read_mb fits), so their
+# pages are reused instead of mapped and unmapped per read; glibc's ceiling is 32 MiB.
+_HEAP_UP_TO = 32 << 20
+# Free memory at the heap's top kept for reuse instead of handed back: the reader's
+# working set (its shuffle buffer and reads in flight) comes back every batch.
+_KEEP_FREE = 1 << 30
+
+
 @functools.cache
-def _malloc_trim():
+def _libc():
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        return libc.malloc_trim if libc is not None else None
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name) if name else None
+    except OSError:
         return None
+
+
+def _malloc_trim():
+    return getattr(_libc(), "malloc_trim", None)
 
 
 def release_freed_memory() -> bool:
@@ -32,3 +51,12 @@ def release_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+def keep_freed_memory() -> bool:
+    """Make this process's heap keep and reuse what it frees (glibc; a process whose
+    working set recurs, like the shard reader's); True if it could be asked to."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_UP_TO)) & bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREE))

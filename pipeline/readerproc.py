@@ -42,7 +42,7 @@ from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 
-from pipeline import augment
+from pipeline import augment, memory
 from pipeline.reader import EncodedBatch, encoded_batches
 
 log = logging.getLogger("pipeline")
@@ -274,6 +274,7 @@ def _child_main(conn, cfg, env: dict[str, str], token: str, slots: int, level: i
     # children would otherwise inherit the server's, from when it started.
     os.environ.clear()
     os.environ.update(env)
+    memory.keep_freed_memory()  # every image is copied twice here: into warm pages
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # SIGTERM (multiprocessing's own clean-up at the parent's exit) unwinds through the
     # finally blocks that unlink the segments.

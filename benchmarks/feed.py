@@ -35,7 +35,14 @@ import time
 
 from benchmarks import data
 from benchmarks.harness import Measurement, measure
-from benchmarks.pipeline_read import _dali_native_run, _items, _load, _loader_run, _reader_only
+from benchmarks.pipeline_read import (
+    _dali_native_run,
+    _items,
+    _load,
+    _loader_run,
+    _reader_only,
+    next_epoch_job,
+)
 
 THREADS = 2
 
@@ -112,7 +119,6 @@ def _reader_process_only(cfg, epochs: int, loaders: list):
     taken as the DALI feeder takes them, minus decoding. What it starts is appended to
     LOADERS, for the caller to close."""
     from pipeline import World, build_loader
-    from pipeline.loader import Job
     from pipeline.readerproc import ReaderProcess
 
     loader = build_loader(cfg, World())
@@ -123,11 +129,7 @@ def _reader_process_only(cfg, epochs: int, loaders: list):
     def run() -> int:
         done = 0
         for _ in range(epochs):
-            loader.set_epoch(state["epoch"])
-            state["epoch"] += 1
-            job = Job(cfg=loader.cfg, world=loader.world, epoch=loader.epoch, plan=loader.plan(),
-                      start=0, dataset=loader.dataset, device=loader.device)  # fmt: skip
-            for enc, _params in reader.batches(job):
+            for enc, _params in reader.batches(next_epoch_job(loader, state)):
                 done += len(enc.keys)
         return done
 

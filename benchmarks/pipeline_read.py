@@ -168,12 +168,21 @@ def _raw_read(root: str, storage_options=None):
     return mb, run
 
 
+def next_epoch_job(loader, state: dict):
+    """The whole next epoch of LOADER as a backend's Job (STATE counts the epochs)."""
+    from pipeline.loader import Job
+
+    loader.set_epoch(state["epoch"])
+    state["epoch"] += 1
+    return Job(cfg=loader.cfg, world=loader.world, epoch=loader.epoch, plan=loader.plan(),
+               start=0, dataset=loader.dataset, device=loader.device)  # fmt: skip
+
+
 def _reader_only(cfg, epochs: int, *, draws: bool = False, loaders: list | None = None):
     """Our reader (ranged reads, sanity checks, shuffle order) without decoding; with
     DRAWS also each sample's augmentation draw (what the DALI feed's reader process
     does). The loader is appended to LOADERS, for the caller to close."""
     from pipeline import World, augment, build_loader
-    from pipeline.loader import Job
     from pipeline.reader import encoded_batches
 
     loader = build_loader(cfg, World())
@@ -184,10 +193,7 @@ def _reader_only(cfg, epochs: int, *, draws: bool = False, loaders: list | None 
     def run() -> int:
         done = 0
         for _ in range(epochs):
-            loader.set_epoch(state["epoch"])
-            state["epoch"] += 1
-            job = Job(cfg=loader.cfg, world=loader.world, epoch=loader.epoch, plan=loader.plan(), start=0,
-                      dataset=loader.dataset, device=loader.device)  # fmt: skip
+            job = next_epoch_job(loader, state)
             for enc in encoded_batches(job):
                 if draws:
                     augment.draw(loader.cfg, enc.keys, job.epoch, enc.width, enc.height)

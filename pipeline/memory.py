@@ -19,7 +19,6 @@ import ctypes
 import ctypes.util
 import functools
 
-
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -59,4 +58,6 @@ def keep_freed_memory() -> bool:
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_UP_TO)) & bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREE))
+    return bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_UP_TO)) & bool(
+        mallopt(_M_TRIM_THRESHOLD, _KEEP_FREE)
+    )

@@ -341,12 +341,21 @@ class ReaderProcess:
         try:
             return self._conn.recv()
         except (EOFError, OSError):
-            self._proc.join(timeout=1.0)
-            raise ReaderProcessError(
-                f"the shard reader process (pid {self._proc.pid}) "
-                f"{_describe_exit(self._proc.exitcode)}; the loader cannot go on. Look for "
-                "its own error above, or for memory pressure on this machine"
-            ) from None
+            raise self._gone() from None
+
+    def _send(self, msg) -> None:
+        try:
+            self._conn.send(msg)
+        except OSError:  # a broken pipe: the child died between two messages
+            raise self._gone() from None
+
+    def _gone(self) -> ReaderProcessError:
+        self._proc.join(timeout=1.0)
+        return ReaderProcessError(
+            f"the shard reader process (pid {self._proc.pid}) "
+            f"{_describe_exit(self._proc.exitcode)}; the loader cannot go on. Look for "
+            "its own error above, or for memory pressure on this machine"
+        )
 
     def _segment(self, slot: int, name: str | None) -> memoryview:
         if name is not None:
@@ -365,7 +374,7 @@ class ReaderProcess:
         self._seq += 1
         seq = self._seq
         self._dataset = job.dataset
-        self._conn.send(("epoch", seq, job.epoch, job.plan, job.start))
+        self._send(("epoch", seq, job.epoch, job.plan, job.start))
         done = False
         held: int | None = None  # the slot the consumer is reading
         try:
@@ -390,7 +399,7 @@ class ReaderProcess:
                 held = slot
                 yield enc, meta["params"]
                 del images, enc, buf
-                self._conn.send(("free", slot))
+                self._send(("free", slot))
                 held = None
         finally:
             if held is not None:

@@ -149,6 +149,30 @@ def test_a_killed_reader_process_is_a_clear_error_and_is_cleaned_up(small_ds):
     assert not glob.glob(f"/dev/shm/shardflow-{token}-*")
 
 
+def test_a_reader_killed_while_its_batch_is_held_is_a_clear_error(small_ds):
+    # The consumer hands a slot back after each batch: a child that died meanwhile is
+    # a broken pipe on that send, which must read like any other death of the reader.
+    from pipeline.loader import Job
+    from pipeline.readerproc import ReaderProcess, ReaderProcessError
+
+    with build_loader(cfg_for("dali-cpu", small_ds, prefetch=1), World()) as loader:
+        reader = ReaderProcess(loader.cfg, slots=2)
+        try:
+            job = Job(cfg=loader.cfg, world=loader.world, epoch=0, plan=loader.plan(), start=0,
+                      dataset=loader.dataset, device=loader.device)  # fmt: skip
+            batches = reader.batches(job)
+            next(batches)
+            os.kill(reader.pid, signal.SIGKILL)
+            reader._proc.join(timeout=10)
+            with pytest.raises(ReaderProcessError, match=r"killed by SIGKILL"):
+                for _ in batches:
+                    pass
+        finally:
+            token = reader.token
+            reader.close()
+    assert not glob.glob(f"/dev/shm/shardflow-{token}-*")
+
+
 @pytest.mark.parametrize("end", ["killed", "exits without close()"])
 def test_the_reader_process_ends_with_its_parent(small_ds, tmp_path, end):
     # A training process killed outright, or one that never closes its loader: its

@@ -74,9 +74,10 @@ class EncodedBatch:
                             skipped=skipped, extra=extra, width=width, height=height)  # fmt: skip
 
 
-def to_sample(raw: RawSample, labelled: bool = True) -> Sample:
+def to_sample(raw: RawSample, labelled: bool = True, checked=None) -> Sample:
     """Parse the label and check the image bytes; record what is wrong, if anything.
-    An unlabelled dataset's samples get label -1 and need no .cls."""
+    An unlabelled dataset's samples get label -1 and need no .cls. CHECKED: the image's
+    verdict if it was checked already (Dataset.read_inspected)."""
     problem = None
     label = -1
     if isinstance(raw.label, int):  # given by an adopted dataset's .labels
@@ -92,7 +93,7 @@ def to_sample(raw: RawSample, labelled: bool = True) -> Sample:
             problem = "label (.cls) is not an integer"
     if raw.image is None:
         return Sample(raw.key, b"", label, "sample has no jpg/png/webp image", raw.extra)
-    bad, (width, height) = inspect_image(raw.image)
+    bad, (width, height) = checked if checked is not None else inspect_image(raw.image)
     return Sample(raw.key, raw.image, label, problem or bad, raw.extra, width, height)
 
 
@@ -127,11 +128,11 @@ class InputReader:
     def _read_unit(self, shard: int, pos: np.ndarray) -> list[tuple[int, Sample]]:
         idx = self.ro.index[pos]
         order = np.argsort(idx, kind="stable")  # reads want ascending offsets
-        raws = self.dataset.read_samples(shard, idx[order])
+        raws, checks = self.dataset.read_inspected(shard, idx[order])
         out: list[tuple[int, Sample] | None] = [None] * len(pos)
         labelled = self.dataset.labelled
-        for o, raw in zip(order.tolist(), raws, strict=True):
-            out[o] = (int(pos[o]), to_sample(raw, labelled))
+        for o, raw, checked in zip(order.tolist(), raws, checks, strict=True):
+            out[o] = (int(pos[o]), to_sample(raw, labelled, checked))
         return out  # type: ignore[return-value]
 
     def __iter__(self) -> Iterator[tuple[int, Sample]]:

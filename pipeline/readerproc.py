@@ -275,6 +275,7 @@ def _child_main(conn, cfg, env: dict[str, str], token: str, slots: int, level: i
     os.environ.clear()
     os.environ.update(env)
     memory.keep_freed_memory()  # every image is copied twice here: into warm pages
+    memory.collect_rarely()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # SIGTERM (multiprocessing's own clean-up at the parent's exit) unwinds through the
     # finally blocks that unlink the segments.

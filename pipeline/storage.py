@@ -24,6 +24,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from pipeline.sanity import inspect_images
 from shard_tools.format import (
     Manifest,
     RawSample,
@@ -42,6 +43,17 @@ from shard_tools.format import (
 log = logging.getLogger("pipeline")
 
 MERGE_GAP_BYTES = 1 << 20  # read through gaps up to this size rather than issue another request
+
+
+def _inspect(buf: bytes, buf_start: int, index: ShardIndex, ids: np.ndarray) -> list:
+    """The sanity verdicts of samples IDS, whose bytes BUF holds from offset BUF_START."""
+    img = index.image[ids]
+    present = np.flatnonzero(img[:, 0] >= 0)
+    out: list = [None] * len(ids)
+    found = inspect_images(buf, img[present, 0] - buf_start, img[present, 1])
+    for i, verdict in zip(present.tolist(), found, strict=True):
+        out[i] = verdict
+    return out
 
 
 class ShardReadError(RuntimeError):
@@ -255,26 +267,40 @@ class Dataset:
 
     def read_samples(self, shard: int, indices: np.ndarray) -> list[RawSample]:
         """Samples INDICES (sorted) of SHARD, in that order, in as few reads as possible."""
+        return self._read_samples(shard, indices, inspect=False)[0]
+
+    def read_inspected(self, shard: int, indices: np.ndarray) -> tuple[list[RawSample], list]:
+        """read_samples, and each image's pipeline.sanity verdict, made over each read's
+        buffer at once: (problem, (width, height)), or None where the caller must check
+        (a shard read whole, a sample without an image)."""
+        return self._read_samples(shard, indices, inspect=True)
+
+    def _read_samples(self, shard: int, indices: np.ndarray, inspect: bool):
         info = self.manifest.shards[shard]
         idx = self.index(shard)
         adopted = self.sample_labels(shard)
+        checks: list = []
         if idx is None:
             listed = adopted[1] if adopted is not None else None
             everything = self._retry(f"shard {info.name}", lambda: self._whole(info, listed))
             out = [everything[i] for i in indices.tolist()]
+            checks = [None] * len(out)
         else:
             out = []
             for start, stop, ids in idx.ranges(indices, MERGE_GAP_BYTES, self.max_read_bytes):
 
-                def part(start=start, stop=stop, ids=ids) -> list[RawSample]:
+                def part(start=start, stop=stop, ids=ids):
                     buf = self._read(info.name, start, stop)
-                    return slice_samples(buf, start, idx, ids, self.extra)
+                    samples = slice_samples(buf, start, idx, ids, self.extra)
+                    return samples, (_inspect(buf, start, idx, ids) if inspect else [])
 
-                out.extend(self._retry(f"shard {info.name} (bytes {start}..{stop})", part))
+                samples, found = self._retry(f"shard {info.name} (bytes {start}..{stop})", part)
+                out.extend(samples)
+                checks.extend(found)
         if adopted is not None:  # labels as adopt resolved them, not the tar's own
             labels = adopted[0][indices].tolist()
             out = [dataclasses.replace(s, label=lab) for s, lab in zip(out, labels, strict=True)]
-        return out
+        return out, checks
 
     def read_bytes(self, shard: int) -> bytes:
         """The whole shard file (benchmarks measure raw read speed with it)."""

@@ -37,6 +37,7 @@ import signal
 import threading
 import types
 import weakref
+from collections import deque
 from collections.abc import Iterator
 from multiprocessing import resource_tracker, shared_memory
 
@@ -370,14 +371,20 @@ class ReaderProcess:
                 os.close(fd)
         return self._segments[slot]
 
-    def batches(self, job) -> Iterator[tuple[EncodedBatch, augment.BatchParams | None]]:
-        """Steps ``job.start..`` of JOB's plan, read by the child, with their augmentation."""
+    def batches(
+        self, job, keep: int = 1
+    ) -> Iterator[tuple[EncodedBatch, augment.BatchParams | None]]:
+        """Steps ``job.start..`` of JOB's plan, read by the child, with their augmentation.
+        A batch's images stay valid until the consumer asks for the KEEP-th batch after
+        it (KEEP < the slots, or the child has nowhere to write the next one)."""
+        if not 1 <= keep < self.slots:
+            raise ValueError(f"keep={keep} needs between 1 and {self.slots - 1} slots held")
         self._seq += 1
         seq = self._seq
         self._dataset = job.dataset
         self._send(("epoch", seq, job.epoch, job.plan, job.start))
         done = False
-        held: int | None = None  # the slot the consumer is reading
+        held: deque[int] = deque()  # the slots of the last KEEP batches handed out
         try:
             while True:
                 msg = self._recv()
@@ -397,14 +404,14 @@ class ReaderProcess:
                                    labels=meta["labels"], skipped=meta["skipped"],
                                    extra=meta["extra"], width=meta["width"],
                                    height=meta["height"])  # fmt: skip
-                held = slot
+                held.append(slot)
                 yield enc, meta["params"]
                 del images, enc, buf
-                self._send(("free", slot))
-                held = None
+                if len(held) == keep:
+                    self._send(("free", held.popleft()))
         finally:
-            if held is not None:
-                self._free(held)
+            for slot in held:
+                self._free(slot)
             if not done:
                 self._abandon(seq)
 

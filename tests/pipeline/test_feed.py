@@ -173,6 +173,32 @@ def test_a_reader_killed_while_its_batch_is_held_is_a_clear_error(small_ds):
     assert not glob.glob(f"/dev/shm/shardflow-{token}-*")
 
 
+def test_a_batch_stays_in_place_while_the_batches_after_it_are_taken(small_ds):
+    # The DALI feeder has two batches in DALI at once and may feed a failed one again,
+    # image by image, after taking the next: KEEP batches' slots stay untouched.
+    from pipeline.loader import Job
+    from pipeline.reader import encoded_batches
+    from pipeline.readerproc import ReaderProcess
+
+    with build_loader(cfg_for("dali-cpu", small_ds, batch_size=3), World()) as loader:
+        job = Job(cfg=loader.cfg, world=loader.world, epoch=0, plan=loader.plan(), start=0,
+                  dataset=loader.dataset, device=loader.device)  # fmt: skip
+        expected = [[bytes(i) for i in enc.images] for enc in encoded_batches(job)]
+        reader = ReaderProcess(loader.cfg, slots=3)
+        try:
+            with pytest.raises(ValueError, match="keep=3"):
+                next(reader.batches(job, keep=3))
+            taken = []
+            for step, (enc, _) in enumerate(reader.batches(job, keep=2)):
+                taken.append(enc)
+                if step >= 1:  # the batch before this one: still its own bytes
+                    assert [bytes(i) for i in taken[step - 1].images] == expected[step - 1]
+                assert [bytes(i) for i in enc.images] == expected[step]
+            assert len(taken) == len(expected) > 4
+        finally:
+            reader.close()
+
+
 @pytest.mark.parametrize("end", ["killed", "exits without close()"])
 def test_the_reader_process_ends_with_its_parent(small_ds, tmp_path, end):
     # A training process killed outright, or one that never closes its loader: its

@@ -158,7 +158,7 @@ class DaliBackend:
             exec_dynamic=True,
         )
         with pipe:
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=True)
             nodes = {}
             for name in self.params:
                 dtype, ndim = _PARAM_TYPES[name]
@@ -292,9 +292,22 @@ class DaliBackend:
             return self._reader.batches(job, keep=_IN_FLIGHT)
         return feed_batches(self.cfg, job)
 
+    def _then_read_ahead(self, source, job):
+        """SOURCE's batches; once the reader process has sent the last of them, it starts
+        reading the next epoch (JOB.following), so that epoch's first batch is not waited
+        for."""
+        yield from source
+        try:
+            self._reader.prepare(job.following())
+        except Exception as exc:  # noqa: BLE001 - reading ahead only saves time: never fail for it
+            log.warning("could not start reading epoch %d ahead (%s); it is read when it "
+                        "starts", job.epoch + 1, exc)  # fmt: skip
+
     def batches(self, job) -> Iterator[Batch]:
         self.pipeline()
         source = self._source(job)
+        if self._reader is not None and job.following is not None:
+            source = self._then_read_ahead(source, job)
         ready: queue.Queue = queue.Queue(maxsize=max(1, self.cfg.prefetch))
         stop = threading.Event()
 

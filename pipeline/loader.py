@@ -13,7 +13,9 @@ Iterating an epoch that is complete replays it from its start (as
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,9 @@ class Job:
     start: int
     dataset: Any  # pipeline.storage.Dataset, or None for synthetic data
     device: torch.device
+    # The job a training loop most likely runs next (the next epoch from its start), for a
+    # backend that can start reading it while this one's last batches are in flight.
+    following: Callable[[], Job] | None = None
 
     def refs(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(shard, index, pad) arrays of the samples of STEP, in batch order."""
@@ -82,6 +87,8 @@ class Loader:
         self._history: list[Generation] = []
         self._step = 0  # steps consumed in the current generation
         self._plan: RankPlan | None = None
+        self._ahead: tuple[int, RankPlan] | None = None  # (epoch, plan) made by following()
+        self._ahead_lock = threading.Lock()
         self._active: Iterator[Batch] | None = None
         self._reset_report()
 
@@ -104,21 +111,41 @@ class Loader:
     def plan(self) -> RankPlan:
         """The current generation's plan for this rank (cached)."""
         if self._plan is None:
-            self._plan = plan_rank(
-                self._sizes,
-                epoch=self._epoch,
-                seed=self.cfg.seed,
-                policy=self.cfg.remainder,
-                shuffle=self.cfg.shuffling,
-                buffer=self.cfg.shuffle_buffer,
-                history=self._history,
-                world_size=self.world.world_size,
-                batch_size=self.cfg.batch_size,
-                rank=self.world.rank,
-                initial=self.cfg.buffer_start or None,
-            )
-            release_freed_memory()  # the plan's temporaries, not kept by the heap
+            with self._ahead_lock:
+                ahead = self._ahead
+                if ahead is not None and ahead[0] == self._epoch and not self._history:
+                    self._plan = ahead[1]  # planned as the epoch before ended: the same plan
+                    self._ahead = None
+            if self._plan is None:
+                self._plan = self._plan_for(self._epoch, self._history)
         return self._plan
+
+    def _plan_for(self, epoch: int, history: list[Generation]) -> RankPlan:
+        plan = plan_rank(
+            self._sizes,
+            epoch=epoch,
+            seed=self.cfg.seed,
+            policy=self.cfg.remainder,
+            shuffle=self.cfg.shuffling,
+            buffer=self.cfg.shuffle_buffer,
+            history=history,
+            world_size=self.world.world_size,
+            batch_size=self.cfg.batch_size,
+            rank=self.world.rank,
+            initial=self.cfg.buffer_start or None,
+        )
+        release_freed_memory()  # the plan's temporaries, not kept by the heap
+        return plan
+
+    def _following(self, job: Job) -> Job:
+        """The next epoch from its start, planned now (from a backend's thread); plan()
+        takes this plan if that epoch is the one set next."""
+        epoch = job.epoch + 1
+        plan = self._plan_for(epoch, [])
+        with self._ahead_lock:
+            self._ahead = (epoch, plan)
+        return Job(cfg=self.cfg, world=self.world, epoch=epoch, plan=plan, start=0,
+                   dataset=self.dataset, device=self.device)  # fmt: skip
 
     @property
     def epoch_steps(self) -> int:
@@ -171,6 +198,7 @@ class Loader:
             dataset=self.dataset,
             device=self.device,
         )
+        job = dataclasses.replace(job, following=lambda: self._following(job))
         self._active = self._run(job)
         return self._active
 

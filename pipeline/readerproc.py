@@ -314,6 +314,7 @@ class ReaderProcess:
         self._segments: dict[int, memoryview] = {}
         self._dataset = None  # the parent's Dataset, whose retry count the child adds to
         self._seq = 0
+        self._ahead = None  # (seq, job): an epoch the child reads before it is asked for
         self._finalizer = weakref.finalize(self, _shut_down, self._proc, self._conn, self.token,
                                            self._segments)  # fmt: skip
         msg = self._recv()
@@ -379,10 +380,9 @@ class ReaderProcess:
         it (KEEP < the slots, or the child has nowhere to write the next one)."""
         if not 1 <= keep < self.slots:
             raise ValueError(f"keep={keep} needs between 1 and {self.slots - 1} slots held")
-        self._seq += 1
-        seq = self._seq
-        self._dataset = job.dataset
-        self._send(("epoch", seq, job.epoch, job.plan, job.start))
+        seq = self._take_ahead(job)
+        if seq is None:
+            seq = self._start(job)
         done = False
         held: deque[int] = deque()  # the slots of the last KEEP batches handed out
         try:
@@ -414,6 +414,30 @@ class ReaderProcess:
                 self._free(slot)
             if not done:
                 self._abandon(seq)
+
+    def prepare(self, job) -> None:
+        """Have the child start reading JOB now, for the batches(JOB) call to come (the
+        next epoch, while this one's last batches are decoded and trained on). Only
+        between epochs: after the current epoch's batches have all been received."""
+        if self._ahead is not None:
+            self._abandon(self._ahead[0])
+        self._ahead = (self._start(job), job)
+
+    def _start(self, job) -> int:
+        self._seq += 1
+        self._dataset = job.dataset
+        self._send(("epoch", self._seq, job.epoch, job.plan, job.start))
+        return self._seq
+
+    def _take_ahead(self, job) -> int | None:
+        """The epoch read ahead if it is JOB's (else it is stopped): its seq, or None."""
+        if self._ahead is None:
+            return None
+        (seq, ahead), self._ahead = self._ahead, None
+        if ahead.plan is job.plan and ahead.start == job.start and ahead.epoch == job.epoch:
+            return seq
+        self._abandon(seq)
+        return None
 
     def _free(self, slot: int) -> None:
         with contextlib.suppress(OSError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import itertools
 import os
@@ -103,6 +104,41 @@ def test_one_pipeline_per_loader_across_epochs_resume_and_decoder_errors(corrupt
         loader.set_epoch(1)
         assert len(list(loader)) == 18 - 2
     assert DaliBackend.builds - before == 1
+
+
+def _epoch(loader, epoch: int | None = None) -> list[tuple[str, torch.Tensor]]:
+    if epoch is not None:
+        loader.set_epoch(epoch)
+    return [(k, im.clone()) for b in loader for k, im in zip(b.keys, b.images, strict=True)]
+
+
+def _same(got, want) -> bool:
+    return [k for k, _ in got] == [k for k, _ in want] and all(
+        torch.equal(a, b) for (_, a), (_, b) in zip(got, want, strict=True)
+    )
+
+
+def test_the_next_epoch_is_read_ahead_and_anything_else_is_read_afresh(small_ds):
+    # When an epoch's last batch has been read, the reader process starts the next
+    # epoch; what is then iterated (that epoch, another one, a replay, a resume) must
+    # be exactly what a loader that never read ahead gives.
+    cfg = cfg_for("dali-cpu", small_ds, batch_size=4, **AUGMENTATIONS["small"])
+    fresh = build_loader(dataclasses.replace(cfg, reader="thread"), World())
+    with build_loader(cfg, World()) as loader, fresh:
+        assert _same(_epoch(loader, 0), _epoch(fresh, 0))
+        seq, ahead = loader.backend._reader._ahead
+        assert ahead.epoch == 1 and ahead.start == 0
+        assert _same(_epoch(loader, 1), _epoch(fresh, 1))  # the epoch read ahead
+        assert loader.backend._reader._ahead[0] == seq + 1  # epoch 1 started no new read
+        assert _same(_epoch(loader, 3), _epoch(fresh, 3))  # not the one read ahead
+        assert _same(_epoch(loader), _epoch(fresh, 3))  # a replay of the same epoch
+        fresh.set_epoch(4)
+        it = iter(fresh)
+        next(it), next(it)
+        state = fresh.state_dict()
+        rest = _epoch(fresh)
+        loader.load_state_dict(state)  # a resume while epoch 4 is read ahead
+        assert _same(_epoch(loader), rest)
 
 
 def _reader_pid(loader) -> int:

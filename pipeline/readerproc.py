@@ -315,6 +315,7 @@ class ReaderProcess:
         self._dataset = None  # the parent's Dataset, whose retry count the child adds to
         self._seq = 0
         self._ahead = None  # (seq, job): an epoch the child reads before it is asked for
+        self._held_over: list[int] = []  # slots of the last epoch's last batches
         self._finalizer = weakref.finalize(self, _shut_down, self._proc, self._conn, self.token,
                                            self._segments)  # fmt: skip
         msg = self._recv()
@@ -380,6 +381,8 @@ class ReaderProcess:
         it (KEEP < the slots, or the child has nowhere to write the next one)."""
         if not 1 <= keep < self.slots:
             raise ValueError(f"keep={keep} needs between 1 and {self.slots - 1} slots held")
+        while self._held_over:  # the last epoch's consumer is done with them by now
+            self._send(("free", self._held_over.pop()))
         seq = self._take_ahead(job)
         if seq is None:
             seq = self._start(job)
@@ -391,6 +394,11 @@ class ReaderProcess:
                 if msg[1] != seq:
                     continue
                 if msg[0] == "end":
+                    # The last batches may still be in the consumer's hands (in DALI) while
+                    # the child reads the next epoch ahead: their slots are freed when the
+                    # next epoch is asked for, not here.
+                    self._held_over.extend(held)
+                    held.clear()
                     done = True
                     return
                 if msg[0] == "error":

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -231,6 +232,34 @@ def test_a_batch_stays_in_place_while_the_batches_after_it_are_taken(small_ds):
                     assert [bytes(i) for i in taken[step - 1].images] == expected[step - 1]
                 assert [bytes(i) for i in enc.images] == expected[step]
             assert len(taken) == len(expected) > 4
+        finally:
+            reader.close()
+
+
+def test_the_last_batches_of_an_epoch_stay_in_place_while_the_next_is_read_ahead(small_ds):
+    # The epoch's last batch is still in DALI when the child starts the next epoch: it
+    # must not write that epoch into its slot (with keep=2, the batch before it has
+    # been collected once the consumer asks for what comes after the last).
+    from pipeline.loader import Job
+    from pipeline.readerproc import ReaderProcess
+
+    with build_loader(cfg_for("dali-cpu", small_ds, batch_size=3), World()) as loader:
+
+        def job(epoch):
+            loader.set_epoch(epoch)
+            return Job(cfg=loader.cfg, world=loader.world, epoch=epoch, plan=loader.plan(),
+                       start=0, dataset=loader.dataset, device=loader.device)  # fmt: skip
+
+        reader = ReaderProcess(loader.cfg, slots=3)
+        try:
+            taken = [enc for enc, _ in reader.batches(job(0), keep=2)]
+            last = [bytes(i) for i in taken[-1].images]
+            nxt = job(1)
+            reader.prepare(nxt)
+            time.sleep(1.0)  # the child writes what it can of epoch 1 meanwhile
+            assert [bytes(i) for i in taken[-1].images] == last
+            epoch1 = [enc.keys for enc, _ in reader.batches(nxt, keep=2)]
+            assert sum(map(len, epoch1)) == sum(map(len, (e.keys for e in taken)))
         finally:
             reader.close()
 

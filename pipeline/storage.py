@@ -24,7 +24,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from pipeline.sanity import inspect_images
+from pipeline.sanity import BULK_FROM, inspect_images
 from shard_tools.format import (
     Manifest,
     RawSample,
@@ -50,6 +50,8 @@ def _inspect(buf: bytes, buf_start: int, index: ShardIndex, ids: np.ndarray) -> 
     img = index.image[ids]
     present = np.flatnonzero(img[:, 0] >= 0)
     out: list = [None] * len(ids)
+    if len(present) < BULK_FROM:  # checked one by one, on the copies the reader makes
+        return out
     found = inspect_images(buf, img[present, 0] - buf_start, img[present, 1])
     for i, verdict in zip(present.tolist(), found, strict=True):
         out[i] = verdict

@@ -76,26 +76,25 @@ def random_resized_crop(
     counters: np.ndarray, width: np.ndarray, height: np.ndarray, scale, ratio
 ) -> np.ndarray:
     """torchvision's RandomResizedCrop.get_params for every sample: [B, 4] x, y, w, h."""
-    area = (width * height).astype(np.float64)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     out = np.zeros((len(counters), 4), dtype=np.float32)
-    done = np.zeros(len(counters), dtype=bool)
-    for attempt in range(RRC_ATTEMPTS):
-        # Only the samples still without a window draw again (most succeed at once).
-        rest = np.flatnonzero(~done)
-        if len(rest) == 0:
-            break
-        c, wd, ht = counters[rest], width[rest], height[rest]
-        base = _U_RRC + 4 * attempt
-        target = area[rest] * (scale[0] + (scale[1] - scale[0]) * uniforms(c, base))
-        aspect = np.exp(log_lo + (log_hi - log_lo) * uniforms(c, base + 1))
-        w = np.round(np.sqrt(target * aspect))
-        h = np.round(np.sqrt(target / aspect))
-        ok = (w > 0) & (h > 0) & (w <= wd) & (h <= ht)
-        y = np.floor(uniforms(c[ok], base + 2) * (ht[ok] - h[ok] + 1))
-        x = np.floor(uniforms(c[ok], base + 3) * (wd[ok] - w[ok] + 1))
-        out[rest[ok]] = np.stack([x, y, w[ok], h[ok]], axis=1)
-        done[rest[ok]] = True
+    # Every attempt of every sample at once ([B, attempts]); each takes its first success.
+    base = _U_RRC + 4 * np.arange(RRC_ATTEMPTS)
+    c = counters[:, None]
+    area = (width * height).astype(np.float64)[:, None]
+    target = area * (scale[0] + (scale[1] - scale[0]) * uniforms(c, base))
+    aspect = np.exp(log_lo + (log_hi - log_lo) * uniforms(c, base + 1))
+    w = np.round(np.sqrt(target * aspect))
+    h = np.round(np.sqrt(target / aspect))
+    ok = (w > 0) & (h > 0) & (w <= width[:, None]) & (h <= height[:, None])
+    first = ok.argmax(axis=1)
+    done = ok[np.arange(len(counters)), first]
+    rows = np.flatnonzero(done)
+    at = first[rows]
+    w, h = w[rows, at], h[rows, at]
+    y = np.floor(uniforms(counters[rows], base[at] + 2) * (height[rows] - h + 1))
+    x = np.floor(uniforms(counters[rows], base[at] + 3) * (width[rows] - w + 1))
+    out[rows] = np.stack([x, y, w, h], axis=1)
     if not done.all():  # torchvision's fallback: the largest centre crop within the ratio range
         rest = ~done
         wr, hr = width[rest].astype(np.float64), height[rest].astype(np.float64)

@@ -88,6 +88,8 @@ def main(argv: list[str]) -> int:
     import shutil
     import time
 
+    # Before the run: the figures it writes into the tree would make it read as dirty.
+    environment = _environment()
     with tempfile.TemporaryDirectory(prefix="fault-figures-") as tmp:
         env = dict(os.environ, **{FIGURES_ENV: tmp})
         t0 = time.monotonic()
@@ -103,7 +105,7 @@ def main(argv: list[str]) -> int:
         FIGURES.mkdir()
         for path in sorted(Path(tmp).glob("*.jsonl")):
             shutil.copy(path, FIGURES / path.name)
-    run = {"environment": _environment(), "status": status, "seconds": round(seconds, 1)}
+    run = {"environment": environment, "status": status, "seconds": round(seconds, 1)}
     (FIGURES / "run.json").write_text(json.dumps(run, indent=1) + "\n")
     (HERE / "REPORT.md").write_text(render(FIGURES), encoding="utf-8")
     print(f"wrote {HERE / 'REPORT.md'} and {FIGURES}")

@@ -44,4 +44,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # As the trainer ends (train/entry.py): gloo's native threads outlive
+    # destroy_process_group, and interpreter finalization can make them abort the rank
+    # (SIGABRT, "terminate called without an active exception") after it finished.
+    from train.entry import exit_now, status_of
+
+    exit_now(status_of(main))

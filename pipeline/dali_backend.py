@@ -79,18 +79,16 @@ _IN_FLIGHT = 2
 class _Running:
     """A batch fed to DALI: scheduled, then collected (its output, or why it failed)."""
 
-    __slots__ = ("enc", "params", "out", "reason", "collected")
+    __slots__ = ("enc", "params", "out", "reason")
 
     def __init__(self, enc: EncodedBatch, params) -> None:
         self.enc, self.params = enc, params
-        self.out = self.reason = None
-        self.collected = False
+        self.out = self.reason = None  # one of them is set once collected
 
     def collect(self, pipe) -> None:
         """Take this batch's output from PIPE (outputs come in the order scheduled)."""
-        if self.collected:
+        if self.out is not None or self.reason is not None:
             return
-        self.collected = True
         try:
             (self.out,) = pipe.outputs()
         except RuntimeError as exc:

@@ -35,13 +35,11 @@ _U_RRC = 16  # 4 uniforms per attempt from here on
 
 def sample_counters(keys: list[str], seed: int, epoch: int) -> np.ndarray:
     """One 64-bit counter per key (uint64), from (seed, epoch, key)."""
-    out = np.empty(len(keys), dtype=np.uint64)
     prefix = f"{seed}\x1f{epoch}\x1f".encode()
-    for i, key in enumerate(keys):
-        out[i] = int.from_bytes(
-            hashlib.blake2b(prefix + key.encode(), digest_size=8).digest(), "little"
-        )
-    return out
+    blake2b = hashlib.blake2b
+    digests = b"".join([blake2b(prefix + key.encode(), digest_size=8).digest() for key in keys])
+    # each digest read as a little-endian integer
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
 def uniforms(counters: np.ndarray, which: int | np.ndarray) -> np.ndarray:

@@ -108,7 +108,9 @@ def _reason(exc: BaseException) -> str:
 
 def feed_batches(cfg, job) -> Iterator[tuple[EncodedBatch, augment.BatchParams | None]]:
     """Encoded batches of JOB with their augmentation, read in threads of this process."""
-    source = encoded_batches(job)
+    # Images as views of the buffers they were read into: DALI reads them in place, and
+    # the batch (its _Running) keeps them alive until DALI is done with it.
+    source = encoded_batches(job, views=True)
     try:
         for enc in source:
             yield enc, augment.draw(cfg, enc.keys, job.epoch, enc.width, enc.height)

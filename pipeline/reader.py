@@ -29,7 +29,7 @@ class CorruptDataError(RuntimeError):
     """No valid image to stand in for a corrupt one."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is built 4x slower, per sample
 class Sample:
     """A sample ready for a decoder: its image bytes, label and any problem found."""
 
@@ -112,11 +112,13 @@ def _units(shard: np.ndarray, positions: np.ndarray, max_samples):
 class InputReader:
     """Reads input positions POSITIONS (sorted) of a RankOrder; yields (position, Sample)."""
 
-    def __init__(self, dataset, ranks_order, positions: np.ndarray, read_ahead: int) -> None:
+    def __init__(self, dataset, ranks_order, positions: np.ndarray, read_ahead: int,
+                 views: bool = False) -> None:  # fmt: skip
         self.dataset = dataset
         self.ro = ranks_order
         self.positions = positions
         self.read_ahead = read_ahead
+        self.views = views  # images as memoryviews of their read's buffer
         self._pool: ThreadPoolExecutor | None = None
 
     def max_samples(self, shard: int) -> int:
@@ -128,7 +130,7 @@ class InputReader:
     def _read_unit(self, shard: int, pos: np.ndarray) -> list[tuple[int, Sample]]:
         idx = self.ro.index[pos]
         order = np.argsort(idx, kind="stable")  # reads want ascending offsets
-        raws, checks = self.dataset.read_inspected(shard, idx[order])
+        raws, checks = self.dataset.read_inspected(shard, idx[order], views=self.views)
         out: list[tuple[int, Sample] | None] = [None] * len(pos)
         labelled = self.dataset.labelled
         for o, raw, checked in zip(order.tolist(), raws, checks, strict=True):
@@ -156,28 +158,79 @@ class InputReader:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def encoded_batches(job) -> Iterator[EncodedBatch]:
-    """Batches of steps ``job.start..`` of the job's plan, in the planned order."""
+def encoded_batches(job, views: bool = False) -> Iterator[EncodedBatch]:
+    """Batches of steps ``job.start..`` of the job's plan, in the planned order.
+
+    VIEWS: images are memoryviews of the buffers they were read into, not copies, for
+    a consumer that copies them once anyway (into shared memory, or into DALI). A
+    buffer lives while any view of it does: samples that wait long in the shuffle
+    buffer are copied out (see _Held), so a few stragglers never keep whole reads in
+    memory.
+    """
     plan = job.plan
     ro = plan.ranks_order
     b = plan.batch_size
     pending = ro.pending(job.start * b)
-    reader = iter(InputReader(job.dataset, ro, pending, job.cfg.read_ahead))
-    held: dict[int, Sample] = {}
+    reader = iter(InputReader(job.dataset, ro, pending, job.cfg.read_ahead, views=views))
+    held = _Held(_VIEW_WINDOW_BUFFERS * max(b, job.cfg.shuffle_buffer) if views else None)
     names = job.dataset.shard_names
     last_valid: Sample | None = None
     try:
         for step in range(job.start, plan.steps):
-            samples = []
-            for inp in ro.order[step * b : (step + 1) * b].tolist():
-                while inp not in held:
-                    pos, sample = next(reader)
-                    held[pos] = sample
-                samples.append((inp, held.pop(inp)))
+            samples = [(inp, held.take(inp, reader))
+                       for inp in ro.order[step * b : (step + 1) * b].tolist()]  # fmt: skip
+            held.compact()
             batch, last_valid = _make_batch(step, samples, last_valid, ro, names)
             yield batch
     finally:
         reader.close()
+
+
+# A sample's wait in a shuffle buffer of B slots is geometric with mean B outputs, so a
+# read's samples still held 2B inputs after it are ~14% of them: that is when they are
+# copied out (and their read's buffer freed). The buffers then hold about twice what the
+# shuffle buffer does, instead of one copy of it.
+_VIEW_WINDOW_BUFFERS = 2
+
+
+class _Held:
+    """Samples read and not yet output, by input position. With a WINDOW, those whose
+    images are views of a read's buffer and lie more than WINDOW inputs behind the
+    latest read get images of their own (compact)."""
+
+    def __init__(self, window: int | None) -> None:
+        self.window = window
+        self.young: dict[int, Sample] = {}  # in input order (positions are read ascending)
+        self.old: dict[int, Sample] = {}  # images of their own
+        self.latest = -1
+
+    def take(self, pos: int, reader: Iterator[tuple[int, Sample]]) -> Sample:
+        """The sample of input POS, reading on from READER until it has come."""
+        found = self.young.pop(pos, None)
+        if found is None:
+            found = self.old.pop(pos, None)
+        while found is None:
+            got, sample = next(reader)
+            self.latest = got
+            if got == pos:
+                return sample
+            self.young[got] = sample
+        return found
+
+    def compact(self) -> None:
+        if self.window is None:
+            return
+        limit = self.latest - self.window
+        stale = []
+        for pos in self.young:  # oldest first; stops at the first recent one
+            if pos >= limit:
+                break
+            stale.append(pos)
+        for pos in stale:
+            s = self.young.pop(pos)
+            if isinstance(s.image, memoryview):
+                s.image = bytes(s.image)
+            self.old[pos] = s
 
 
 def _make_batch(step, samples, last_valid, ro, names) -> tuple[EncodedBatch, Sample | None]:

@@ -39,7 +39,7 @@ Dims = tuple[int, int]
 def _check_jpeg(data: bytes) -> tuple[str | None, Dims]:
     n = len(data)
     # EOI within the last bytes: a truncated file almost never ends in FFD9 by chance.
-    if data.rfind(b"\xff\xd9", max(0, n - 64)) < 0:
+    if b"\xff\xd9" not in bytes(data[max(0, n - 64) :]):
         return "JPEG has no end-of-image marker (truncated?)", (0, 0)
     pos = 2
     seen_sof = False
@@ -88,7 +88,7 @@ def _check_png(data: bytes) -> tuple[str | None, Dims]:
     width, height = struct.unpack_from(">II", data, 16)
     if width == 0 or height == 0:
         return f"PNG has zero size ({width}x{height})", (0, 0)
-    if data.rfind(b"IEND", len(data) - 16) < 0:
+    if b"IEND" not in bytes(data[len(data) - 16 :]):
         return "PNG has no IEND chunk (truncated?)", (0, 0)
     return None, (width, height)
 
@@ -123,7 +123,10 @@ def _check_webp(data: bytes) -> tuple[str | None, Dims]:
 def inspect_image(data: bytes | bytearray | memoryview) -> tuple[str | None, Dims]:
     """(None, (width, height)) if DATA looks like a complete JPEG/PNG/WebP, else
     (the reason it does not, (0, 0))."""
-    data = bytes(data) if isinstance(data, memoryview) else data
+    # A memoryview (of a read's buffer) is checked in place: the checks index, unpack and
+    # slice it as they would bytes, and copy only the few tail bytes they search.
+    if isinstance(data, memoryview) and (data.format != "B" or data.ndim != 1):
+        data = data.cast("B")
     if len(data) < 4:
         return f"image has only {len(data)} bytes", (0, 0)
     if data[:3] == b"\xff\xd8\xff":

@@ -15,6 +15,8 @@ import dataclasses
 import functools
 import gzip
 import logging
+import mmap
+import os
 import threading
 import time
 import zlib
@@ -23,6 +25,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.sanity import BULK_FROM, inspect_images
 from shard_tools.format import (
@@ -56,6 +59,25 @@ def _inspect(buf: bytes, buf_start: int, index: ShardIndex, ids: np.ndarray) -> 
     for i, verdict in zip(present.tolist(), found, strict=True):
         out[i] = verdict
     return out
+
+
+def _map_range(path: str, start: int, stop: int) -> tuple[mmap.mmap, int]:
+    """Bytes START..STOP of the local file PATH, mapped read-only with their pages
+    populated (no copy, no fault per page), from the page boundary at or before START:
+    (the mapping, its first byte's offset). Its slices are copies, memoryviews of it
+    are not; it is unmapped when the last of them goes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size < stop:  # mapped bytes past the end would be a SIGBUS, not a short read
+            raise TarFormatError(
+                f"short read: bytes {start}..{stop} of a {size}-byte file (truncated shard?)"
+            )
+        at = start - start % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return mmap.mmap(fd, stop - at, flags=flags, prot=mmap.PROT_READ, offset=at), at
+    finally:
+        os.close(fd)
 
 
 class ShardReadError(RuntimeError):
@@ -112,6 +134,10 @@ class Dataset:
     retry_backoff_s: float = 0.5
     max_read_bytes: int = 64 << 20
     extra: tuple[str, ...] = ()  # member extensions handed over with each sample
+    # Ranged reads of local shards map the file instead of copying it (the reader
+    # process: what it reads is copied once, into shared memory). A shard truncated in
+    # place while mapped kills the reading process with SIGBUS, so never in the trainer.
+    map_local: bool = False
     _indexes: dict[int, ShardIndex | None] = field(default_factory=dict, repr=False)
     _labels: dict[int, tuple[np.ndarray, tuple[str, ...]] | None] = field(
         default_factory=dict, repr=False
@@ -247,6 +273,15 @@ class Dataset:
             )
         return data
 
+    def _read_range(self, name: str, start: int, stop: int) -> tuple[Any, int]:
+        """Bytes START..STOP of shard NAME: (a buffer, the shard offset of its first byte)."""
+        if self.map_local and isinstance(self.shard_fs, LocalFileSystem) and stop > start:
+            try:
+                return _map_range(f"{self.shard_base}/{name}", start, stop)
+            except OSError:
+                pass  # not mappable here (a missing file, a file system without mmap): read it
+        return self._read(name, start, stop), start
+
     def _whole(self, info, listed: tuple[str, ...] | None) -> list[RawSample]:
         """Every sample of a shard read whole (no .idx: compressed, or foreign); LISTED
         (an adopted shard's kept keys) picks and orders them."""
@@ -271,13 +306,15 @@ class Dataset:
         """Samples INDICES (sorted) of SHARD, in that order, in as few reads as possible."""
         return self._read_samples(shard, indices, inspect=False)[0]
 
-    def read_inspected(self, shard: int, indices: np.ndarray) -> tuple[list[RawSample], list]:
+    def read_inspected(self, shard: int, indices: np.ndarray, views: bool = False
+                       ) -> tuple[list[RawSample], list]:  # fmt: skip
         """read_samples, and each image's pipeline.sanity verdict, made over each read's
         buffer at once: (problem, (width, height)), or None where the caller must check
-        (a shard read whole, a sample without an image)."""
-        return self._read_samples(shard, indices, inspect=True)
+        (a shard read whole, a sample without an image). VIEWS: images read by range are
+        memoryviews of the read's buffer, not copies of their own."""
+        return self._read_samples(shard, indices, inspect=True, views=views)
 
-    def _read_samples(self, shard: int, indices: np.ndarray, inspect: bool):
+    def _read_samples(self, shard: int, indices: np.ndarray, inspect: bool, views: bool = False):
         info = self.manifest.shards[shard]
         idx = self.index(shard)
         adopted = self.sample_labels(shard)
@@ -292,9 +329,9 @@ class Dataset:
             for start, stop, ids in idx.ranges(indices, MERGE_GAP_BYTES, self.max_read_bytes):
 
                 def part(start=start, stop=stop, ids=ids):
-                    buf = self._read(info.name, start, stop)
-                    samples = slice_samples(buf, start, idx, ids, self.extra)
-                    return samples, (_inspect(buf, start, idx, ids) if inspect else [])
+                    buf, at = self._read_range(info.name, start, stop)
+                    samples = slice_samples(buf, at, idx, ids, self.extra, image_views=views)
+                    return samples, (_inspect(buf, at, idx, ids) if inspect else [])
 
                 samples, found = self._retry(f"shard {info.name} (bytes {start}..{stop})", part)
                 out.extend(samples)

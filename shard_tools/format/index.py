@@ -138,10 +138,13 @@ def slice_samples(
     index: ShardIndex,
     indices: np.ndarray,
     extra: tuple[str, ...] = (),
+    image_views: bool = False,
 ) -> list[RawSample]:
     """Cut samples INDICES out of BUF, which holds tar bytes from offset BUF_START, with
-    the members of the (lower-case) extensions EXTRA."""
+    the members of the (lower-case) extensions EXTRA. IMAGE_VIEWS: each image is a
+    read-only memoryview of BUF instead of a copy (BUF lives as long as any of them)."""
     n = len(buf)
+    images = memoryview(buf).toreadonly() if image_views else buf
     img = index.image[indices]
     lab = index.label[indices]
     # Every member must lie inside the bytes read; a short buffer means a truncated shard.
@@ -170,7 +173,7 @@ def slice_samples(
         out.append(
             RawSample(
                 keys[i],
-                buf[a : a + isz] if io_ >= 0 else None,
+                images[a : a + isz] if io_ >= 0 else None,
                 buf[b : b + lsz] if lo_ >= 0 else None,
                 more,
             )

@@ -167,15 +167,16 @@ def iter_tar(data: bytes) -> Iterator[tuple[str, int, bytes]]:
         raise TarFormatError("tar ends inside a header or member (truncated shard)")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is built 4x slower, per sample
 class RawSample:
     """What the loader needs of one sample: its key, the bytes of its image member
     (the first of jpg/jpeg/png/webp) and its label: the ``.cls`` bytes, an int an
     adopted dataset's ``.labels`` gave, or None. EXTRA: the members a loader asked
-    for by extension (``txt``, ``json``), absent ones left out; nothing else is read."""
+    for by extension (``txt``, ``json``), absent ones left out; nothing else is read.
+    The image may be a memoryview of the bytes read (slice_samples' image_views)."""
 
     key: str
-    image: bytes | None
+    image: bytes | memoryview | None
     label: bytes | int | None
     extra: dict[str, bytes] | None = None
 

@@ -97,7 +97,21 @@ def test_missing_shard_fails_naming_it(small_ds, tmp_path):
         ds.read_samples(3, np.arange(3))
 
 
-def test_truncated_shard_fails_naming_it(small_ds, tmp_path):
+def test_mapped_reads_equal_copied_reads(small_ds):
+    # The reader process maps local shards (Dataset.map_local) instead of copying them.
+    copied, mapped = _open(small_ds), _open(small_ds)
+    mapped.map_local = True
+    for shard, info in enumerate(copied.manifest.shards):
+        sub = np.arange(0, info.samples, 2)
+        want, want_checks = copied.read_inspected(shard, sub)
+        got, got_checks = mapped.read_inspected(shard, sub, views=True)
+        assert [bytes(s.image) for s in got] == [s.image for s in want]
+        assert [(s.key, s.label, s.extra) for s in got] == [(s.key, s.label, s.extra) for s in want]
+        assert got_checks == want_checks
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["copied", "mapped"])
+def test_truncated_shard_fails_naming_it(small_ds, tmp_path, mapped):
     import shutil
 
     root = tmp_path / "ds"
@@ -105,6 +119,7 @@ def test_truncated_shard_fails_naming_it(small_ds, tmp_path):
     tar = root / "shard-000001.tar"
     tar.write_bytes(tar.read_bytes()[:5000])
     ds = _open(str(root), retries=0)
+    ds.map_local = mapped
     with pytest.raises(ShardReadError, match=r"shard-000001\.tar.*truncated"):
         ds.read_samples(1, np.arange(17))
 
@@ -163,7 +178,8 @@ def test_unreachable_s3_endpoint_is_a_shard_read_error(s3_server, s3_ds):
     assert ds.retried == 1
 
 
-def test_only_storage_errors_are_retried(small_ds, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mapped", [False, True], ids=["copied", "mapped"])
+def test_only_storage_errors_are_retried(small_ds, tmp_path, monkeypatch, mapped):
     """Damaged bytes fail at once as ShardDataError (reading again gives the same); an
     error of this code (a ValueError/RuntimeError) is not dressed up as a read failure."""
     import shutil
@@ -176,6 +192,7 @@ def test_only_storage_errors_are_retried(small_ds, tmp_path, monkeypatch):
     tar = root / "shard-000001.tar"
     tar.write_bytes(tar.read_bytes()[:5000])
     ds = _open(str(root), retries=3, retry_backoff_s=10)  # a retry would take 10 s
+    ds.map_local = mapped
     with pytest.raises(ShardDataError, match=r"shard shard-000001\.tar .* is damaged: .*truncated"):
         ds.read_samples(1, np.arange(17))
     assert ds.retried == 0
@@ -234,3 +251,27 @@ def test_a_script_without_a_main_guard_is_told_the_fix(small_ds, tmp_path, guard
     line = body.splitlines().index('print("samples", count(loader))') + 1
     assert f"{script}:{line} iterates" in last and 'if __name__ == "__main__":' in last
     assert "BrokenProcessPool" not in proc.stderr
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["copied", "mapped"])
+def test_image_views_equal_copies_and_long_held_samples_get_their_own_bytes(small_ds, mapped):
+    """encoded_batches(views=True) hands out views of each read's buffer: the same bytes
+    as copies, batch by batch; a sample held in the shuffle buffer for long gets bytes of
+    its own, so that it alone does not keep its whole read in memory."""
+    from pipeline import World, build_loader
+    from pipeline.loader import Job
+    from pipeline.reader import encoded_batches
+
+    cfg = LoaderConfig(data=small_ds, batch_size=4, image_size=32, recipe="small",
+                       num_workers=0, shuffle_buffer=8, read_ahead=0)  # fmt: skip
+    with build_loader(cfg, World()) as loader:
+        loader.dataset.map_local = mapped
+        job = Job(cfg=loader.cfg, world=loader.world, epoch=0, plan=loader.plan(), start=0,
+                  dataset=loader.dataset, device=loader.device)  # fmt: skip
+        copies = list(encoded_batches(job))
+        views = list(encoded_batches(job, views=True))
+    assert [b.keys for b in views] == [b.keys for b in copies]
+    assert [[bytes(i) for i in b.images] for b in views] == [b.images for b in copies]
+    kinds = [type(i) for b in views for i in b.images]
+    assert memoryview in kinds  # most are views of their read
+    assert bytes in kinds  # held for more than twice the buffer: copied out

@@ -1,8 +1,8 @@
 """From a rank's plan to batches of encoded samples, in the planned order.
 
 The reader fetches the rank's pending inputs in input order (whole shards or
-sub-ranges, in background threads, ``read_ahead`` read units ahead) and hands
-them out in the shuffled output order; by construction of the shuffle-buffer
+sub-ranges, ``read_ahead`` read units ahead: in background threads from object
+storage, by the kernel's read-ahead for local files) and hands them out in the shuffled output order; by construction of the shuffle-buffer
 plan it never holds more than about ``shuffle_buffer`` samples. Every image's
 bytes are checked (:mod:`pipeline.sanity`); a corrupt sample is replaced by the
 first valid sample of its batch, so shapes and step counts never change, and
@@ -143,6 +143,9 @@ class InputReader:
             for shard, pos in units:
                 yield from self._read_unit(shard, pos)
             return
+        if self.dataset.local:
+            yield from self._local(units)
+            return
         self._pool = ThreadPoolExecutor(self.read_ahead, thread_name_prefix="shard-read")
         pending: deque[Future] = deque()
         try:
@@ -156,6 +159,25 @@ class InputReader:
             for f in pending:
                 f.cancel()
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _local(self, units) -> Iterator[tuple[int, Sample]]:
+        """Local shards are read here, in order: the kernel reads the next read_ahead
+        units meanwhile (Dataset.will_need). Reading them in threads of this process
+        instead costs their GIL handovers: a quarter of the reader's speed from the page
+        cache."""
+        ahead: deque[tuple[int, np.ndarray]] = deque()
+        units = iter(units)
+        while True:
+            while len(ahead) <= self.read_ahead:
+                unit = next(units, None)
+                if unit is None:
+                    break
+                shard, pos = unit
+                self.dataset.will_need(shard, np.sort(self.ro.index[pos]))
+                ahead.append(unit)
+            if not ahead:
+                return
+            yield from self._read_unit(*ahead.popleft())
 
 
 def encoded_batches(job, views: bool = False) -> Iterator[EncodedBatch]:

@@ -62,10 +62,11 @@ def _inspect(buf: bytes, buf_start: int, index: ShardIndex, ids: np.ndarray) -> 
 
 
 def _map_range(path: str, start: int, stop: int) -> tuple[mmap.mmap, int]:
-    """Bytes START..STOP of the local file PATH, mapped read-only with their pages
-    populated (no copy, no fault per page), from the page boundary at or before START:
-    (the mapping, its first byte's offset). Its slices are copies, memoryviews of it
-    are not; it is unmapped when the last of them goes."""
+    """Bytes START..STOP of the local file PATH, mapped read-only (no copy), from the page
+    boundary at or before START: (the mapping, its first byte's offset). Its slices are
+    copies, memoryviews of it are not; it is unmapped when the last of them goes. Pages
+    are mapped as they are first touched (MAP_POPULATE costs more than the faults of the
+    one copy made of each image: ~12 against ~10.5 us per 114 KB image here)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -74,8 +75,7 @@ def _map_range(path: str, start: int, stop: int) -> tuple[mmap.mmap, int]:
                 f"short read: bytes {start}..{stop} of a {size}-byte file (truncated shard?)"
             )
         at = start - start % mmap.ALLOCATIONGRANULARITY
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        return mmap.mmap(fd, stop - at, flags=flags, prot=mmap.PROT_READ, offset=at), at
+        return mmap.mmap(fd, stop - at, mmap.MAP_SHARED, mmap.PROT_READ, offset=at), at
     finally:
         os.close(fd)
 
@@ -184,6 +184,31 @@ class Dataset:
         """Add N retries made on this dataset's behalf elsewhere (the reader process)."""
         with self._lock:
             self._retried += n
+
+    @property
+    def local(self) -> bool:
+        """Shards on a file system of this machine (a local disk or a mount), not an
+        object store: read where they are needed, with the kernel reading ahead."""
+        return isinstance(self.shard_fs, LocalFileSystem)
+
+    def will_need(self, shard: int, indices: np.ndarray) -> None:
+        """Have the kernel start reading samples INDICES (sorted) of local SHARD into the
+        page cache (posix_fadvise WILLNEED), so that reading them soon does not wait for
+        the disk. A hint only: any failure is left for the read itself to report."""
+        if not self.local or not hasattr(os, "posix_fadvise") or len(indices) == 0:
+            return
+        try:
+            idx = self.index(shard)
+            start, stop = (
+                (int(idx.begin[indices[0]]), int(idx.end[indices[-1]])) if idx else (0, 0)
+            )  # no index: the shard is read whole (length 0: to its end)
+            fd = os.open(f"{self.shard_base}/{self.shard_names[shard]}", os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except (OSError, ShardReadError, ShardDataError):
+            pass
 
     def _path(self, name: str) -> str:
         """A file beside the manifest (.idx, .labels)."""

@@ -62,7 +62,8 @@ class DataConfig:
         None, "batches decoded ahead of the one being trained on (default: 3 on a GPU, 2 on CPU)"
     )
     read_ahead: int | None = _opt(
-        None, "shard reads in flight in background threads, per rank (default: on a GPU half "
+        None, "shard reads ahead of the one being used, per rank: in background threads from "
+        "object storage, by the kernel's read-ahead for local files (default: on a GPU half "
         "the cores per local rank, 2 to 8; on CPU 2)",
     )  # fmt: skip
     reader: str = _opt(

@@ -275,3 +275,41 @@ def test_image_views_equal_copies_and_long_held_samples_get_their_own_bytes(smal
     kinds = [type(i) for b in views for i in b.images]
     assert memoryview in kinds  # most are views of their read
     assert bytes in kinds  # held for more than twice the buffer: copied out
+
+
+def test_local_shards_are_read_in_place_while_the_kernel_reads_ahead(small_ds, monkeypatch):
+    """Local shards: no reader threads; each read unit is announced to the kernel
+    (posix_fadvise WILLNEED) read_ahead units before it is read; same samples as reading
+    without any read-ahead."""
+    import threading
+
+    from pipeline import World, build_loader
+    from pipeline.reader import InputReader
+    from pipeline.storage import Dataset
+
+    events = []
+    real_need, real_read = Dataset.will_need, Dataset.read_inspected
+    monkeypatch.setattr(Dataset, "will_need", lambda self, shard, idx: (
+        events.append(("need", shard, idx.tolist())), real_need(self, shard, idx))[1])  # fmt: skip
+    monkeypatch.setattr(Dataset, "read_inspected", lambda self, shard, idx, **kw: (
+        events.append(("read", shard, idx.tolist())), real_read(self, shard, idx, **kw))[1])  # fmt: skip
+    cfg = LoaderConfig(data=small_ds, batch_size=4, image_size=32, recipe="small", num_workers=0)
+    with build_loader(cfg, World()) as loader:
+        ro = loader.plan().ranks_order
+        pending = ro.pending(0)
+        got = []
+        for item in InputReader(loader.dataset, ro, pending, read_ahead=2):
+            got.append(item)
+            assert not any(t.name.startswith("shard-read") for t in threading.enumerate())
+        want = list(InputReader(loader.dataset, ro, pending, read_ahead=0))
+    assert [(p, s.key, bytes(s.image)) for p, s in got] == [
+        (p, s.key, bytes(s.image)) for p, s in want
+    ]
+    needs = [e[1:] for e in events if e[0] == "need"]
+    reads = [e[1:] for e in events if e[0] == "read"][: len(needs)]  # the first pass's
+    assert needs == reads and len(reads) > 3
+    for unit in reads:  # announced before its read, at most 2 units early
+        announced = events.index(("need", *unit))
+        read = events.index(("read", *unit))
+        assert announced < read
+        assert sum(e[0] == "read" for e in events[announced:read]) <= 2

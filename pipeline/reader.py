@@ -54,6 +54,9 @@ class EncodedBatch:
     extra: list[dict[str, bytes] | None] | None = None  # per sample (extra_members)
     width: np.ndarray | None = None  # int32 [B], from each image's header
     height: np.ndarray | None = None
+    # The images as one buffer: (uint8 bytes, int64 [B, 2] offset and size of each image
+    # in it), where they arrived that way (the reader process's shared memory).
+    packed: tuple[np.ndarray, np.ndarray] | None = None
 
     def replaced(self, bad: list[int], good: int, reason: str) -> EncodedBatch:
         """This batch with rows BAD standing in for by row GOOD (images that failed to
@@ -69,9 +72,15 @@ class EncodedBatch:
                 extra[i] = extra[good]
             if width is not None:
                 width[i], height[i] = width[good], height[good]
+        packed = self.packed
+        if packed is not None:
+            span = packed[1].copy()
+            span[bad] = span[good]
+            packed = (packed[0], span)
         skipped = self.skipped + tuple(self.keys[i] for i in bad)
         return EncodedBatch(step=self.step, keys=keys, images=images, labels=labels,
-                            skipped=skipped, extra=extra, width=width, height=height)  # fmt: skip
+                            skipped=skipped, extra=extra, width=width, height=height,
+                            packed=packed)  # fmt: skip
 
 
 def to_sample(raw: RawSample, labelled: bool = True, checked=None) -> Sample:

@@ -315,6 +315,8 @@ def _child_main(conn, cfg, env: dict[str, str], token: str, slots: int, level: i
     os.environ.update(env)
     memory.keep_freed_memory()  # every read lands in a buffer of its size: warm pages
     memory.collect_rarely()
+    if os.environ.get("READER_NICE"):
+        os.nice(int(os.environ["READER_NICE"]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # SIGTERM (multiprocessing's own clean-up at the parent's exit) unwinds through the
     # finally blocks that unlink the segments.
@@ -444,15 +446,18 @@ class ReaderProcess:
                     raise msg[2]
                 _, _, slot, name, meta = msg
                 buf = self._segment(slot, name)
-                offsets = meta["offsets"].tolist()
-                images = [buf[lo:hi] for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)]
+                offsets = meta["offsets"]
+                bounds = offsets.tolist()
+                images = [buf[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+                span = np.stack([offsets[:-1], np.diff(offsets)], axis=1)
+                packed = (np.frombuffer(buf, dtype=np.uint8)[: bounds[-1]], span)
                 enc = EncodedBatch(step=meta["step"], keys=meta["keys"], images=images,
                                    labels=meta["labels"], skipped=meta["skipped"],
                                    extra=meta["extra"], width=meta["width"],
-                                   height=meta["height"])  # fmt: skip
+                                   height=meta["height"], packed=packed)  # fmt: skip
                 held.append(slot)
                 yield enc, meta["params"]
-                del images, enc, buf
+                del images, enc, buf, packed
                 if len(held) == keep:
                     self._send(("free", held.popleft()))
         finally:

@@ -313,3 +313,19 @@ def test_local_shards_are_read_in_place_while_the_kernel_reads_ahead(small_ds, m
         read = events.index(("read", *unit))
         assert announced < read
         assert sum(e[0] == "read" for e in events[announced:read]) <= 2
+
+
+def test_a_packed_batch_keeps_its_spans_equal_to_its_images_when_rows_are_replaced():
+    from pipeline.reader import EncodedBatch
+
+    images = [b"\xff\xd8aaa", b"\xff\xd8bb", b"\xff\xd8c", b"\xff\xd8dddd"]
+    starts = np.cumsum([0] + [len(b) for b in images[:-1]])
+    span = np.stack([starts, [len(b) for b in images]], axis=1).astype(np.int64)
+    buffer = np.frombuffer(b"".join(images), dtype=np.uint8)
+    enc = EncodedBatch(step=0, keys=list("wxyz"), images=images,
+                       labels=np.arange(4, dtype=np.int64), skipped=(), packed=(buffer, span))  # fmt: skip
+    out = enc.replaced([1, 3], 2, "refused")
+    buf, sp = out.packed
+    assert [bytes(buf[a : a + n]) for a, n in sp.tolist()] == out.images
+    assert out.images == [images[0], images[2], images[2], images[2]]
+    assert out.skipped == ("x", "z") and enc.packed[1].tolist() == span.tolist()  # a copy

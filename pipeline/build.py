@@ -57,5 +57,7 @@ def build_loader(cfg: LoaderConfig, world: World | None = None) -> Loader:
     else:
         from pipeline.dali_backend import DaliBackend
 
-        backend = DaliBackend(cfg, world, device)
+        m = dataset.manifest if dataset is not None else None
+        backend = DaliBackend(cfg, world, device,
+                              sample_bytes=m.bytes / max(1, m.samples) if m else None)  # fmt: skip
     return Loader(cfg, world, dataset=dataset, backend=backend, device=device)

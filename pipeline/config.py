@@ -96,8 +96,8 @@ class LoaderConfig:
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
     retries: int = 3  # extra attempts per read before failing
     retry_backoff_s: float = 0.5  # first wait; doubles each attempt
-    # Read units fetched ahead (None: auto): in background threads from object storage, by
-    # the kernel (posix_fadvise) for local files, which are read in place.
+    # Read units fetched ahead (None: auto): in background threads, or by the kernel
+    # (posix_fadvise) for local shards the reader process maps.
     read_ahead: int | None = None
     # Upper bound of one ranged read: object stores stream best at 8-16 MiB per request
     # with several in flight; it also bounds the memory of a read unit.

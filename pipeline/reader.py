@@ -1,8 +1,9 @@
 """From a rank's plan to batches of encoded samples, in the planned order.
 
 The reader fetches the rank's pending inputs in input order (whole shards or
-sub-ranges, ``read_ahead`` read units ahead: in background threads from object
-storage, by the kernel's read-ahead for local files) and hands them out in the shuffled output order; by construction of the shuffle-buffer
+sub-ranges, ``read_ahead`` read units ahead: in background threads, or, for
+local shards mapped by the reader process, by the kernel's read-ahead) and hands
+them out in the shuffled output order; by construction of the shuffle-buffer
 plan it never holds more than about ``shuffle_buffer`` samples. Every image's
 bytes are checked (:mod:`pipeline.sanity`); a corrupt sample is replaced by the
 first valid sample of its batch, so shapes and step counts never change, and
@@ -152,7 +153,7 @@ class InputReader:
             for shard, pos in units:
                 yield from self._read_unit(shard, pos)
             return
-        if self.dataset.local:
+        if self.dataset.local and self.dataset.map_local:
             yield from self._local(units)
             return
         self._pool = ThreadPoolExecutor(self.read_ahead, thread_name_prefix="shard-read")
@@ -170,10 +171,12 @@ class InputReader:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _local(self, units) -> Iterator[tuple[int, Sample]]:
-        """Local shards are read here, in order: the kernel reads the next read_ahead
-        units meanwhile (Dataset.will_need). Reading them in threads of this process
-        instead costs their GIL handovers: a quarter of the reader's speed from the page
-        cache."""
+        """Local shards the dataset maps (Dataset.map_local) are read here, in order: the
+        kernel reads the next read_ahead units meanwhile (Dataset.will_need). A mapping
+        makes no system call that would let another thread run, so read-ahead threads
+        would only hand the GIL back and forth: a quarter of the reader process's speed
+        from the page cache. Reads that copy (read system calls, object storage) keep
+        their threads, which run while a read waits."""
         ahead: deque[tuple[int, np.ndarray]] = deque()
         units = iter(units)
         while True:

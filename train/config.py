@@ -62,9 +62,9 @@ class DataConfig:
         None, "batches decoded ahead of the one being trained on (default: 3 on a GPU, 2 on CPU)"
     )
     read_ahead: int | None = _opt(
-        None, "shard reads ahead of the one being used, per rank: in background threads from "
-        "object storage, by the kernel's read-ahead for local files (default: on a GPU half "
-        "the cores per local rank, 2 to 8; on CPU 2)",
+        None, "shard reads ahead of the one being used, per rank: in background threads, or "
+        "by the kernel's read-ahead for local shards the reader process maps (default: on a "
+        "GPU half the cores per local rank, 2 to 8; on CPU 2)",
     )  # fmt: skip
     reader: str = _opt(
         "auto", "where the shard reader runs: process = its own (never takes the GIL from "

@@ -277,10 +277,10 @@ def test_image_views_equal_copies_and_long_held_samples_get_their_own_bytes(smal
     assert bytes in kinds  # held for more than twice the buffer: copied out
 
 
-def test_local_shards_are_read_in_place_while_the_kernel_reads_ahead(small_ds, monkeypatch):
-    """Local shards: no reader threads; each read unit is announced to the kernel
-    (posix_fadvise WILLNEED) read_ahead units before it is read; same samples as reading
-    without any read-ahead."""
+def test_mapped_local_shards_are_read_in_order_while_the_kernel_reads_ahead(small_ds, monkeypatch):
+    """Local shards the reader process maps: no reader threads; each read unit is
+    announced to the kernel (posix_fadvise WILLNEED) read_ahead units before it is read;
+    same samples as reading without any read-ahead."""
     import threading
 
     from pipeline import World, build_loader
@@ -295,6 +295,7 @@ def test_local_shards_are_read_in_place_while_the_kernel_reads_ahead(small_ds, m
         events.append(("read", shard, idx.tolist())), real_read(self, shard, idx, **kw))[1])  # fmt: skip
     cfg = LoaderConfig(data=small_ds, batch_size=4, image_size=32, recipe="small", num_workers=0)
     with build_loader(cfg, World()) as loader:
+        loader.dataset.map_local = True
         ro = loader.plan().ranks_order
         pending = ro.pending(0)
         got = []

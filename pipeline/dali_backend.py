@@ -8,9 +8,11 @@ How the feed is laid out, per loader:
   (:mod:`pipeline.augment`) and hands batches over through shared memory; with
   ``reader="thread"`` it runs in threads of this process instead;
 - one DALI pipeline, built once and kept for every epoch and resume, is fed those
-  bytes and parameters explicitly by a feeder thread, which runs ``prefetch``
-  batches ahead, copies the labels to the device from pinned memory and queues
-  finished batches;
+  bytes (in place: a batch of small images, or any batch on a GPU, as its one
+  shared-memory buffer and each image's span, cut apart by DALI; see
+  PACKED_UP_TO) and parameters explicitly by a feeder thread, which runs
+  ``prefetch`` batches ahead, copies the labels to the device from pinned memory
+  and queues finished batches;
 - the training thread only takes finished batches from that queue.
 
 DALI draws nothing (the parameters come with the bytes), so a resumed run gets

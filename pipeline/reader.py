@@ -153,8 +153,8 @@ class InputReader:
             for shard, pos in units:
                 yield from self._read_unit(shard, pos)
             return
-        if self.dataset.local and self.dataset.map_local:
-            yield from self._local(units)
+        if self.dataset.mapped:
+            yield from self._mapped(units)
             return
         self._pool = ThreadPoolExecutor(self.read_ahead, thread_name_prefix="shard-read")
         pending: deque[Future] = deque()
@@ -170,8 +170,8 @@ class InputReader:
                 f.cancel()
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _local(self, units) -> Iterator[tuple[int, Sample]]:
-        """Local shards the dataset maps (Dataset.map_local) are read here, in order: the
+    def _mapped(self, units) -> Iterator[tuple[int, Sample]]:
+        """Local shards the dataset maps (Dataset.mapped) are read here, in order: the
         kernel reads the next read_ahead units meanwhile (Dataset.will_need). A mapping
         makes no system call that would let another thread run, so read-ahead threads
         would only hand the GIL back and forth: a quarter of the reader process's speed
@@ -185,7 +185,7 @@ class InputReader:
                 if unit is None:
                     break
                 shard, pos = unit
-                self.dataset.will_need(shard, np.sort(self.ro.index[pos]))
+                self.dataset.will_need(shard, self.ro.index[pos])
                 ahead.append(unit)
             if not ahead:
                 return

@@ -315,8 +315,6 @@ def _child_main(conn, cfg, env: dict[str, str], token: str, slots: int, level: i
     os.environ.update(env)
     memory.keep_freed_memory()  # every read lands in a buffer of its size: warm pages
     memory.collect_rarely()
-    if os.environ.get("READER_NICE"):
-        os.nice(int(os.environ["READER_NICE"]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # SIGTERM (multiprocessing's own clean-up at the parent's exit) unwinds through the
     # finally blocks that unlink the segments.

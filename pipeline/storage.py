@@ -186,21 +186,21 @@ class Dataset:
             self._retried += n
 
     @property
-    def local(self) -> bool:
-        """Shards on a file system of this machine (a local disk or a mount), not an
-        object store: read where they are needed, with the kernel reading ahead."""
-        return isinstance(self.shard_fs, LocalFileSystem)
+    def mapped(self) -> bool:
+        """Ranged reads map the shard files (map_local, and shards on a file system of this
+        machine: a local disk or a mount, not an object store)."""
+        return self.map_local and isinstance(self.shard_fs, LocalFileSystem)
 
     def will_need(self, shard: int, indices: np.ndarray) -> None:
-        """Have the kernel start reading samples INDICES (sorted) of local SHARD into the
-        page cache (posix_fadvise WILLNEED), so that reading them soon does not wait for
-        the disk. A hint only: any failure is left for the read itself to report."""
-        if not self.local or not hasattr(os, "posix_fadvise") or len(indices) == 0:
+        """Have the kernel start reading samples INDICES of mapped SHARD into the page
+        cache (posix_fadvise WILLNEED), so that reading them soon does not wait for the
+        disk. A hint only: any failure is left for the read itself to report."""
+        if not self.mapped or not hasattr(os, "posix_fadvise") or len(indices) == 0:
             return
         try:
             idx = self.index(shard)
             start, stop = (
-                (int(idx.begin[indices[0]]), int(idx.end[indices[-1]])) if idx else (0, 0)
+                (int(idx.begin[indices.min()]), int(idx.end[indices.max()])) if idx else (0, 0)
             )  # no index: the shard is read whole (length 0: to its end)
             fd = os.open(f"{self.shard_base}/{self.shard_names[shard]}", os.O_RDONLY)
             try:
@@ -300,7 +300,7 @@ class Dataset:
 
     def _read_range(self, name: str, start: int, stop: int) -> tuple[Any, int]:
         """Bytes START..STOP of shard NAME: (a buffer, the shard offset of its first byte)."""
-        if self.map_local and isinstance(self.shard_fs, LocalFileSystem) and stop > start:
+        if self.mapped and stop > start:
             try:
                 return _map_range(f"{self.shard_base}/{name}", start, stop)
             except OSError:

@@ -11,7 +11,9 @@ run, repetitions interleaved round by round:
 * ``reader-alone/process``: the reader process alone (ranged reads, byte checks,
   planned order, per-sample augmentation draws, the hand-over through shared
   memory), its batches taken by this process with no decoding: img/s (the
-  reader is one process, so about one core); ``reader-alone/thread``: the same
+  reader is one process, so about one core); ``reader-alone/process-files``: the
+  same with images handed over as spans of the shard files (share_files: what
+  dali-cpu does for photos); ``reader-alone/thread``: the same
   reading in threads of this process, without the hand-over, the baseline. For
   ImageNet also on ``imagenet-x10`` (the sample listed 10 times: 5,000 samples,
   one epoch per round), where an epoch's start (its plan, the first shuffle-buffer
@@ -119,15 +121,16 @@ def _neighbour_run(loader, steps: int, gil_ms: float, kernel_ms: float):
     return run
 
 
-def _reader_process_only(cfg, epochs: int, loaders: list):
-    """The reader process's batches (image bytes in shared memory, augmentation drawn),
-    taken as the DALI feeder takes them, minus decoding. What it starts is appended to
-    LOADERS, for the caller to close."""
+def _reader_process_only(cfg, epochs: int, loaders: list, share_files: bool = False):
+    """The reader process's batches (image bytes in shared memory, or with SHARE_FILES
+    views of the shard files; augmentation drawn), taken as the DALI feeder takes them,
+    minus decoding. What it starts is appended to LOADERS, for the caller to close."""
     from pipeline import World, build_loader
     from pipeline.readerproc import ReaderProcess
 
     loader = build_loader(cfg, World())
-    reader = ReaderProcess(loader.cfg, slots=max(2, loader.cfg.prefetch + 1))
+    reader = ReaderProcess(loader.cfg, slots=max(2, loader.cfg.prefetch + 1),
+                           share_files=share_files)  # fmt: skip
     loaders += [loader, reader]
     state = {"epoch": 0}
 
@@ -180,9 +183,10 @@ def _measure_dataset(ds: dict, args, notes: dict) -> list[Measurement]:
         rbase = f"reader-alone/thread/{rds['name']}"
         run = _reader_only(_cfg(rds, "thread"), rds["epochs"], draws=True, loaders=loaders)
         jobs.append((Measurement(name=rbase, unit="img/s", items=ritems), run))
-        run = _reader_process_only(_cfg(rds, "process"), rds["epochs"], loaders)
-        jobs.append((Measurement(name=f"reader-alone/process/{rds['name']}", unit="img/s",
-                                 items=ritems, baseline=rbase), run))  # fmt: skip
+        for kind, share in (("process", False), ("process-files", True)):
+            run = _reader_process_only(_cfg(rds, "process"), rds["epochs"], loaders, share)
+            jobs.append((Measurement(name=f"reader-alone/{kind}/{rds['name']}", unit="img/s",
+                                     items=ritems, baseline=rbase), run))  # fmt: skip
     steps = 100  # ~2 s of proxy steps per round
     nbase = f"neighbour/no-data/{name}"
     jobs.append((Measurement(name=nbase, unit="steps/s", items=steps),

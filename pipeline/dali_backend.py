@@ -5,14 +5,17 @@ How the feed is laid out, per loader:
 - the shard reader (:mod:`pipeline.reader`: ranged reads, the planned order, byte
   checks, corrupt-sample replacement, retries) runs in a process of its own
   (:mod:`pipeline.readerproc`), which also draws each sample's augmentation
-  (:mod:`pipeline.augment`) and hands batches over through shared memory; with
+  (:mod:`pipeline.augment`) and hands batches over through shared memory, or, for
+  photos of local shards on the CPU backend, as spans of the shard files; with
   ``reader="thread"`` it runs in threads of this process instead;
 - one DALI pipeline, built once and kept for every epoch and resume, is fed those
   bytes (in place: a batch of small images, or any batch on a GPU, as its one
   shared-memory buffer and each image's span, cut apart by DALI; see
-  PACKED_UP_TO) and parameters explicitly by a feeder thread, which runs
-  ``prefetch`` batches ahead, copies the labels to the device from pinned memory
-  and queues finished batches;
+  PACKED_UP_TO; other batches image by image, views of shared memory or of this
+  process's mapping of the shard files) and parameters explicitly by a feeder
+  thread, which runs ``prefetch`` batches ahead, copies the labels to the device
+  from pinned memory, queues finished batches, and goes on into the next epoch
+  before the training loop asks for it (:mod:`pipeline.stream`);
 - the training thread only takes finished batches from that queue.
 
 DALI draws nothing (the parameters come with the bytes), so a resumed run gets
@@ -30,8 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ import torch
 from pipeline import augment
 from pipeline.batch import Batch
 from pipeline.reader import EncodedBatch, encoded_batches, extra_text
+from pipeline.stream import FeedStream
 
 log = logging.getLogger("pipeline")
 
@@ -57,7 +59,6 @@ except ImportError as exc:  # the package works without DALI; only these backend
 _PARAM_TYPES = {"crop": ("FLOAT", 1), "pad_anchor": ("FLOAT", 1), "angle": ("FLOAT", 0),
                 "offset": ("FLOAT", 1), "colour": ("FLOAT", 1), "hflip": ("INT32", 0),
                 "vflip": ("INT32", 0)}  # fmt: skip
-_END = object()
 
 
 class DaliUnavailable(RuntimeError):
@@ -66,11 +67,6 @@ class DaliUnavailable(RuntimeError):
 
 class DecodeError(RuntimeError):
     """Every image of a batch failed to decode: nothing valid to stand in."""
-
-
-class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
 
 
 # Batches of images up to this size on average (shard bytes per sample) reach DALI from the
@@ -150,6 +146,7 @@ class DaliBackend:
         self.dtype = getattr(torch, cfg.dtype)
         self.params = params_used(cfg)
         self._pipe = None
+        self._stream = None  # pipeline.stream.FeedStream: the feeder, run on between epochs
         self._reader = None  # pipeline.readerproc.ReaderProcess, started with the first epoch
         self._threaded = False  # decided once: the reader runs in threads of this process
         self.sample_bytes = sample_bytes  # the dataset's shard bytes per sample (PACKED_UP_TO)
@@ -314,73 +311,53 @@ class DaliBackend:
         self._threaded = True
         return False
 
-    def _source(self, job):
+    def _start_reader(self) -> None:
+        # On the training thread: _use_process looks at the caller's code.
         if self._reader is None and self._use_process():
             from pipeline.readerproc import ReaderProcess
 
             # a slot per batch in DALI, and one for the reader to fill meanwhile
             slots = max(_IN_FLIGHT + 1, self.cfg.prefetch + 1)
-            self._reader = ReaderProcess(self.cfg, slots=slots)
+            # Unpacked batches of local shards reach DALI as views of the shard files
+            # (mapped here too): the images are not copied anywhere, which halves the
+            # reader process's time per photo.
+            self._reader = ReaderProcess(self.cfg, slots=slots, share_files=not self._packed)
+
+    def _source(self, job):
+        """JOB's inputs: (encoded batch, augmentation) in order (the stream's INPUTS)."""
         if self._reader is not None:
             # A batch's bytes stay in place until it is out of DALI: a batch that fails to
             # decode is fed again, image by image.
             return self._reader.batches(job, keep=_IN_FLIGHT)
         return feed_batches(self.cfg, job)
 
-    def _then_read_ahead(self, source, job):
-        """SOURCE's batches; once the reader process has sent the last of them, it starts
-        reading the next epoch (JOB.following), so that epoch's first batch is not waited
-        for."""
-        yield from source
-        try:
-            self._reader.prepare(job.following())
-        except Exception as exc:  # noqa: BLE001 - reading ahead only saves time: never fail for it
-            log.warning("could not start reading epoch %d ahead (%s); it is read when it "
-                        "starts", job.epoch + 1, exc)  # fmt: skip
+    def _finished(self, inputs) -> Iterator[Batch]:
+        """The finished batch of each input (the stream's FINISH)."""
+        with contextlib.closing(self._decoded(inputs)) as decoded:
+            for enc, out in decoded:
+                yield self._batch(enc, out)
 
     def batches(self, job) -> Iterator[Batch]:
         self.pipeline()
-        source = self._source(job)
-        if self._reader is not None and job.following is not None:
-            source = self._then_read_ahead(source, job)
-        ready: queue.Queue = queue.Queue(maxsize=max(1, self.cfg.prefetch))
-        stop = threading.Event()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def feeder() -> None:
-            try:
-                with contextlib.closing(self._decoded(source)) as decoded:
-                    for enc, out in decoded:
-                        if not put(self._batch(enc, out)):
-                            return
-                put(_END)
-            except BaseException as exc:  # the training thread re-raises it
-                put(_Failure(exc))
-
-        thread = threading.Thread(target=feeder, name="dali-feeder", daemon=True)
-        thread.start()
+        self._start_reader()
+        stream = self._stream
+        if stream is None or not stream.serves(job):
+            self._stop_stream()
+            stream = self._stream = FeedStream(job, self._source, self._finished,
+                                               depth=self.cfg.prefetch, name="dali-feeder")  # fmt: skip
         try:
-            for _ in range(job.start, job.plan.steps):
-                item = ready.get()
-                if isinstance(item, _Failure):
-                    raise item.exc
-                if item is _END:
-                    raise RuntimeError("the DALI feed ended before the epoch did")
-                yield item
+            yield from stream.take(job)
         finally:
-            stop.set()
-            thread.join()
-            source.close()
+            if not stream.whole:  # left early: what the stream made next is not wanted
+                self._stop_stream()
+
+    def _stop_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.stop()
+            self._stream = None
 
     def close(self) -> None:
+        self._stop_stream()
         if self._reader is not None:
             self._reader.close()
             self._reader = None

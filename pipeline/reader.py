@@ -41,6 +41,9 @@ class Sample:
     extra: dict[str, bytes] | None = None
     width: int = 0  # from the image's header (a random resized crop needs it)
     height: int = 0
+    # Where the image lies in its shard file (reading with origins): shard, byte offset.
+    shard: int = -1
+    at: int = -1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +61,10 @@ class EncodedBatch:
     # The images as one buffer: (uint8 bytes, int64 [B, 2] offset and size of each image
     # in it), where they arrived that way (the reader process's shared memory).
     packed: tuple[np.ndarray, np.ndarray] | None = None
+    # Where each image lies in the shard files: int64 [B, 3] (shard, byte offset, size),
+    # when all of them do (encoded_batches' origins): the reader process then hands the
+    # batch over as these spans, not as bytes.
+    origin: np.ndarray | None = None
 
     def replaced(self, bad: list[int], good: int, reason: str) -> EncodedBatch:
         """This batch with rows BAD standing in for by row GOOD (images that failed to
@@ -78,10 +85,14 @@ class EncodedBatch:
             span = packed[1].copy()
             span[bad] = span[good]
             packed = (packed[0], span)
+        origin = self.origin
+        if origin is not None:
+            origin = origin.copy()
+            origin[bad] = origin[good]
         skipped = self.skipped + tuple(self.keys[i] for i in bad)
         return EncodedBatch(step=self.step, keys=keys, images=images, labels=labels,
                             skipped=skipped, extra=extra, width=width, height=height,
-                            packed=packed)  # fmt: skip
+                            packed=packed, origin=origin)  # fmt: skip
 
 
 def to_sample(raw: RawSample, labelled: bool = True, checked=None) -> Sample:
@@ -123,12 +134,13 @@ class InputReader:
     """Reads input positions POSITIONS (sorted) of a RankOrder; yields (position, Sample)."""
 
     def __init__(self, dataset, ranks_order, positions: np.ndarray, read_ahead: int,
-                 views: bool = False) -> None:  # fmt: skip
+                 views: bool = False, origins: bool = False) -> None:  # fmt: skip
         self.dataset = dataset
         self.ro = ranks_order
         self.positions = positions
         self.read_ahead = read_ahead
         self.views = views  # images as memoryviews of their read's buffer
+        self.origins = origins  # note where each image lies in its file, where it can be
         self._pool: ThreadPoolExecutor | None = None
 
     def max_samples(self, shard: int) -> int:
@@ -145,6 +157,10 @@ class InputReader:
         labelled = self.dataset.labelled
         for o, raw, checked in zip(order.tolist(), raws, checks, strict=True):
             out[o] = (int(pos[o]), to_sample(raw, labelled, checked))
+        at = self.dataset.image_offsets(shard, idx) if self.origins else None
+        if at is not None:
+            for (_, sample), a in zip(out, at.tolist(), strict=True):  # type: ignore[misc]
+                sample.shard, sample.at = shard, a
         return out  # type: ignore[return-value]
 
     def __iter__(self) -> Iterator[tuple[int, Sample]]:
@@ -192,7 +208,7 @@ class InputReader:
             yield from self._read_unit(*ahead.popleft())
 
 
-def encoded_batches(job, views: bool = False) -> Iterator[EncodedBatch]:
+def encoded_batches(job, views: bool = False, origins: bool = False) -> Iterator[EncodedBatch]:
     """Batches of steps ``job.start..`` of the job's plan, in the planned order.
 
     VIEWS: images are memoryviews of the buffers they were read into, not copies, for
@@ -200,13 +216,20 @@ def encoded_batches(job, views: bool = False) -> Iterator[EncodedBatch]:
     buffer lives while any view of it does: samples that wait long in the shuffle
     buffer are copied out (see _Held), so a few stragglers never keep whole reads in
     memory.
+
+    ORIGINS: each batch also says where its images lie in the shard files
+    (EncodedBatch.origin), where the dataset maps them (Dataset.image_offsets), for a
+    consumer that reads them there. Nothing is copied out then: a view of a mapped
+    shard pins no memory of this process, only a range of the page cache.
     """
     plan = job.plan
     ro = plan.ranks_order
     b = plan.batch_size
     pending = ro.pending(job.start * b)
-    reader = iter(InputReader(job.dataset, ro, pending, job.cfg.read_ahead, views=views))
-    held = _Held(_VIEW_WINDOW_BUFFERS * max(b, job.cfg.shuffle_buffer) if views else None)
+    reader = iter(InputReader(job.dataset, ro, pending, job.cfg.read_ahead, views=views,
+                              origins=origins))  # fmt: skip
+    window = _VIEW_WINDOW_BUFFERS * max(b, job.cfg.shuffle_buffer)
+    held = _Held(window if views and not origins else None)
     names = job.dataset.shard_names
     last_valid: Sample | None = None
     try:
@@ -214,7 +237,7 @@ def encoded_batches(job, views: bool = False) -> Iterator[EncodedBatch]:
             samples = [(inp, held.take(inp, reader))
                        for inp in ro.order[step * b : (step + 1) * b].tolist()]  # fmt: skip
             held.compact()
-            batch, last_valid = _make_batch(step, samples, last_valid, ro, names)
+            batch, last_valid = _make_batch(step, samples, last_valid, ro, names, origins)
             yield batch
     finally:
         reader.close()
@@ -267,7 +290,8 @@ class _Held:
             self.old[pos] = s
 
 
-def _make_batch(step, samples, last_valid, ro, names) -> tuple[EncodedBatch, Sample | None]:
+def _make_batch(step, samples, last_valid, ro, names, origins: bool = False
+                ) -> tuple[EncodedBatch, Sample | None]:  # fmt: skip
     valid = [s for _, s in samples if s.problem is None]
     stand_in = valid[0] if valid else last_valid
     skipped = []
@@ -285,6 +309,9 @@ def _make_batch(step, samples, last_valid, ro, names) -> tuple[EncodedBatch, Sam
                 "read yet to stand in for it"
             )
         out.append(stand_in)
+    origin = None
+    if origins and all(s.at >= 0 for s in out):
+        origin = np.array([(s.shard, s.at, len(s.image)) for s in out], dtype=np.int64)
     batch = EncodedBatch(
         step=step,
         keys=[s.key for s in out],
@@ -294,6 +321,7 @@ def _make_batch(step, samples, last_valid, ro, names) -> tuple[EncodedBatch, Sam
         extra=[s.extra for s in out],
         width=np.array([s.width for s in out], dtype=np.int32),
         height=np.array([s.height for s in out], dtype=np.int32),
+        origin=origin,
     )
     return batch, (valid[-1] if valid else last_valid)
 

@@ -7,7 +7,9 @@ child process that never touches CUDA. The child writes each batch's image bytes
 into one of a few shared-memory slots and sends the rest (keys, labels, sizes,
 augmentation parameters: a few KB) through a pipe; the parent reads the images
 in place, hands them to DALI, and frees the slot. The child never runs more than
-``slots`` batches ahead.
+``slots`` batches ahead. With ``share_files``, images of local shards are not
+copied at all: the child sends where each lies in its shard file, and the parent
+hands DALI views of its own read-only mapping of that file (_ShardFiles).
 
 Protocol, all on one duplex pipe (``seq`` numbers the epochs, so that a late
 message of an abandoned epoch is never taken for the next one's):
@@ -88,12 +90,13 @@ def _describe_exit(code: int | None) -> str:
 
 # -- the child ---------------------------------------------------------------------
 class _Child:
-    def __init__(self, conn, cfg, token: str, slots: int) -> None:
+    def __init__(self, conn, cfg, token: str, slots: int, share_files: bool) -> None:
         from pipeline.storage import Dataset
 
         self.conn = conn
         self.cfg = cfg
         self.token = token
+        self.share_files = share_files
         self.segments: list[_Segment | None] = [None] * slots
         self.generation = 0
         self.free = set(range(slots))
@@ -131,7 +134,8 @@ class _Child:
     def epoch(self, seq: int, epoch: int, plan, start: int) -> None:
         job = types.SimpleNamespace(cfg=self.cfg, plan=plan, start=start, epoch=epoch,
                                     dataset=self.dataset)  # fmt: skip
-        source = encoded_batches(job, views=True)  # each image is copied once, by write()
+        # Each image is copied once, by write(), or not at all (share_files)
+        source = encoded_batches(job, views=True, origins=self.share_files)
         retried = self.dataset.retried
         try:
             for enc in source:
@@ -142,12 +146,17 @@ class _Child:
                     if not self._handle(self.conn.recv(), seq):
                         return
                 params = augment.draw(self.cfg, enc.keys, epoch, enc.width, enc.height)
+                # A slot even for a batch handed over by its origin: the slots are what
+                # keeps this process no more than `slots` batches ahead.
                 slot = min(self.free)
                 self.free.discard(slot)
-                segment, offsets = self.write(slot, enc.images)
+                segment = offsets = None
+                if enc.origin is None:
+                    segment, offsets = self.write(slot, enc.images)
                 meta = {"step": enc.step, "keys": enc.keys, "offsets": offsets,
-                        "labels": enc.labels, "skipped": enc.skipped, "extra": enc.extra,
-                        "width": enc.width, "height": enc.height, "params": params}  # fmt: skip
+                        "origin": enc.origin, "labels": enc.labels, "skipped": enc.skipped,
+                        "extra": enc.extra, "width": enc.width, "height": enc.height,
+                        "params": params}  # fmt: skip
                 retried = self._report_retries(retried)
                 self.conn.send(("batch", seq, slot, segment, meta))
             self._report_retries(retried)
@@ -308,7 +317,8 @@ def _exit_on_signal(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _child_main(conn, cfg, env: dict[str, str], token: str, slots: int, level: int) -> None:
+def _child_main(conn, cfg, env: dict[str, str], token: str, slots: int, share_files: bool,
+                level: int) -> None:  # fmt: skip
     # The parent's environment as it is now (credentials, endpoints): a forkserver's
     # children would otherwise inherit the server's, from when it started.
     os.environ.clear()
@@ -324,7 +334,7 @@ def _child_main(conn, cfg, env: dict[str, str], token: str, slots: int, level: i
     root.handlers[:] = [_Forward(conn)]
     root.setLevel(level)
     try:
-        child = _Child(conn, cfg, token, slots)
+        child = _Child(conn, cfg, token, slots, share_files)
     except BaseException as exc:
         conn.send(("error", -1, _picklable(exc)))
         return
@@ -334,16 +344,23 @@ def _child_main(conn, cfg, env: dict[str, str], token: str, slots: int, level: i
 
 # -- the parent --------------------------------------------------------------------
 class ReaderProcess:
-    """A reader process for one loader: ``batches(job)`` per epoch, ``close()`` at the end."""
+    """A reader process for one loader: ``batches(job)`` per epoch, ``close()`` at the end.
 
-    def __init__(self, cfg, slots: int) -> None:
+    SHARE_FILES: images of local shards are handed over as spans of the shard files, read
+    here in place (see _ShardFiles), not copied into shared memory; batches then carry no
+    ``packed`` buffer. Images of other storage are copied as before.
+    """
+
+    def __init__(self, cfg, slots: int, share_files: bool = False) -> None:
         ctx = _context()
         self.token = secrets.token_hex(6)
         self.slots = slots
+        self._files = _ShardFiles()
         self._conn, child_conn = ctx.Pipe(duplex=True)
+        level = log.getEffectiveLevel()
         self._proc = ctx.Process(
             target=_child_main,
-            args=(child_conn, cfg, dict(os.environ), self.token, slots, log.getEffectiveLevel()),
+            args=(child_conn, cfg, dict(os.environ), self.token, slots, share_files, level),
             name="shardflow-reader",
             daemon=True,
         )
@@ -352,7 +369,6 @@ class ReaderProcess:
         self._segments: dict[int, memoryview] = {}
         self._dataset = None  # the parent's Dataset, whose retry count the child adds to
         self._seq = 0
-        self._ahead = None  # (seq, job): an epoch the child reads before it is asked for
         self._held_over: list[int] = []  # slots of the last epoch's last batches
         self._finalizer = weakref.finalize(self, _shut_down, self._proc, self._conn, self.token,
                                            self._segments)  # fmt: skip
@@ -416,16 +432,18 @@ class ReaderProcess:
     ) -> Iterator[tuple[EncodedBatch, augment.BatchParams | None]]:
         """Steps ``job.start..`` of JOB's plan, read by the child, with their augmentation.
         A batch's images stay valid until the consumer asks for the KEEP-th batch after
-        it (KEEP < the slots, or the child has nowhere to write the next one)."""
+        it (KEEP < the slots, or the child has nowhere to write the next one), counting
+        the batches of the next call: a consumer may still hold the last batches of one
+        epoch while it asks for the next (the child then starts reading it at once)."""
         if not 1 <= keep < self.slots:
             raise ValueError(f"keep={keep} needs between 1 and {self.slots - 1} slots held")
-        while self._held_over:  # the last epoch's consumer is done with them by now
-            self._send(("free", self._held_over.pop()))
-        seq = self._take_ahead(job)
-        if seq is None:
-            seq = self._start(job)
+        seq = self._start(job)
         done = False
-        held: deque[int] = deque()  # the slots of the last KEEP batches handed out
+        # the slots of the last batches handed out, this epoch's or the last one's
+        held: deque[int] = deque(self._held_over)
+        self._held_over = []
+        while len(held) >= keep:
+            self._send(("free", held.popleft()))
         try:
             while True:
                 msg = self._recv()
@@ -433,8 +451,8 @@ class ReaderProcess:
                     continue
                 if msg[0] == "end":
                     # The last batches may still be in the consumer's hands (in DALI) while
-                    # the child reads the next epoch ahead: their slots are freed when the
-                    # next epoch is asked for, not here.
+                    # it asks for the next epoch: their slots are freed as that epoch's
+                    # batches are taken, not here.
                     self._held_over.extend(held)
                     held.clear()
                     done = True
@@ -443,16 +461,22 @@ class ReaderProcess:
                     done = True
                     raise msg[2]
                 _, _, slot, name, meta = msg
-                buf = self._segment(slot, name)
-                offsets = meta["offsets"]
-                bounds = offsets.tolist()
-                images = [buf[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-                span = np.stack([offsets[:-1], np.diff(offsets)], axis=1)
-                packed = (np.frombuffer(buf, dtype=np.uint8)[: bounds[-1]], span)
+                origin = meta["origin"]
+                if origin is not None:
+                    images = self._files.images(job.dataset, origin)
+                    buf = packed = None
+                else:
+                    buf = self._segment(slot, name)
+                    offsets = meta["offsets"]
+                    bounds = offsets.tolist()
+                    images = [buf[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+                    span = np.stack([offsets[:-1], np.diff(offsets)], axis=1)
+                    packed = (np.frombuffer(buf, dtype=np.uint8)[: bounds[-1]], span)
                 enc = EncodedBatch(step=meta["step"], keys=meta["keys"], images=images,
                                    labels=meta["labels"], skipped=meta["skipped"],
                                    extra=meta["extra"], width=meta["width"],
-                                   height=meta["height"], packed=packed)  # fmt: skip
+                                   height=meta["height"], packed=packed,
+                                   origin=origin)  # fmt: skip
                 held.append(slot)
                 yield enc, meta["params"]
                 del images, enc, buf, packed
@@ -464,29 +488,11 @@ class ReaderProcess:
             if not done:
                 self._abandon(seq)
 
-    def prepare(self, job) -> None:
-        """Have the child start reading JOB now, for the batches(JOB) call to come (the
-        next epoch, while this one's last batches are decoded and trained on). Only
-        between epochs: after the current epoch's batches have all been received."""
-        if self._ahead is not None:
-            self._abandon(self._ahead[0])
-        self._ahead = (self._start(job), job)
-
     def _start(self, job) -> int:
         self._seq += 1
         self._dataset = job.dataset
         self._send(("epoch", self._seq, job.epoch, job.plan, job.start))
         return self._seq
-
-    def _take_ahead(self, job) -> int | None:
-        """The epoch read ahead if it is JOB's (else it is stopped): its seq, or None."""
-        if self._ahead is None:
-            return None
-        (seq, ahead), self._ahead = self._ahead, None
-        if ahead.plan is job.plan and ahead.start == job.start and ahead.epoch == job.epoch:
-            return seq
-        self._abandon(seq)
-        return None
 
     def _free(self, slot: int) -> None:
         with contextlib.suppress(OSError):
@@ -499,7 +505,8 @@ class ReaderProcess:
             while True:
                 msg = self._recv()
                 if msg[0] == "batch" and msg[1] == seq:
-                    self._segment(msg[2], msg[3])
+                    if msg[3] is not None:  # a new segment: the next batch in the slot uses it
+                        self._segment(msg[2], msg[3])
                     self._free(msg[2])
                 elif msg[0] in ("end", "stopped", "error") and msg[1] == seq:
                     return
@@ -508,6 +515,67 @@ class ReaderProcess:
 
     def close(self) -> None:
         self._finalizer()
+        self._files.clear()
+
+
+# A mapping is dropped from the cache after this many others (a view of it keeps it).
+_OPEN_FILES = 64
+
+
+class _ShardFiles:
+    """The shard files that batches handed over by origin point into, mapped read-only
+    here, each whole and once: an image is a view of the page cache, which DALI decodes
+    in place (no copy in either process).
+
+    Shards are written whole and renamed into place, which leaves an existing mapping of
+    the file it replaces intact; only a shard truncated in place while it is read would
+    stop this process (SIGBUS), as it would a process running DALI's own file reader,
+    which maps shards too.
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[int, memoryview] = {}
+
+    def images(self, dataset, origin: np.ndarray) -> list[memoryview]:
+        """The images at ORIGIN ([B, 3]: shard, offset, size) of DATASET's shards."""
+        maps = self._maps
+        out = []
+        for shard, at, n in origin.tolist():
+            m = maps.get(shard)
+            if m is None:
+                m = self._map(dataset, shard)
+            if at + n > len(m):
+                from pipeline.storage import ShardDataError
+
+                raise ShardDataError(
+                    f"shard {dataset.shard_names[shard]} has {len(m)} bytes, fewer than when it "
+                    "was read: it was changed in place during training"
+                )
+            out.append(m[at : at + n])
+        return out
+
+    def _map(self, dataset, shard: int) -> memoryview:
+        from pipeline.storage import ShardReadError
+
+        path = dataset.shard_path(shard)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                view = memoryview(mmap.mmap(fd, 0, prot=mmap.PROT_READ))
+            finally:
+                os.close(fd)
+        except (OSError, ValueError) as exc:  # ValueError: an empty file
+            raise ShardReadError(
+                f"cannot map shard {path} that the reader process read ({exc}); if its file "
+                "system does not allow mmap, use reader='thread'"
+            ) from None
+        if len(self._maps) >= _OPEN_FILES:
+            del self._maps[next(iter(self._maps))]
+        self._maps[shard] = view
+        return view
+
+    def clear(self) -> None:
+        self._maps.clear()
 
 
 def _shut_down(proc, conn, token: str, segments: dict) -> None:

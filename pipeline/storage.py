@@ -135,8 +135,9 @@ class Dataset:
     max_read_bytes: int = 64 << 20
     extra: tuple[str, ...] = ()  # member extensions handed over with each sample
     # Ranged reads of local shards map the file instead of copying it (the reader
-    # process: what it reads is copied once, into shared memory). A shard truncated in
-    # place while mapped kills the reading process with SIGBUS, so never in the trainer.
+    # process: what it reads is copied at most once, into shared memory). A shard
+    # truncated in place while mapped kills the reading process with SIGBUS, which the
+    # trainer reports for the reader process; the trainer's own Dataset never maps.
     map_local: bool = False
     _indexes: dict[int, ShardIndex | None] = field(default_factory=dict, repr=False)
     _labels: dict[int, tuple[np.ndarray, tuple[str, ...]] | None] = field(
@@ -144,6 +145,7 @@ class Dataset:
     )
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _retried: int = field(default=0, repr=False)
+    _unmappable: set[str] = field(default_factory=set, repr=False)  # read, not mapped
 
     @classmethod
     def open(cls, cfg) -> Dataset:
@@ -191,6 +193,20 @@ class Dataset:
         machine: a local disk or a mount, not an object store)."""
         return self.map_local and isinstance(self.shard_fs, LocalFileSystem)
 
+    def shard_path(self, shard: int) -> str:
+        """SHARD's file on its storage (a local path where ``mapped``)."""
+        return f"{self.shard_base}/{self.shard_names[shard]}"
+
+    def image_offsets(self, shard: int, indices: np.ndarray) -> np.ndarray | None:
+        """Where the images of samples INDICES of SHARD start in its file (-1: no image),
+        for a reader that hands images over as spans of the file (the reader process):
+        None unless ranged reads map the shard (``mapped``, the shard has an .idx, and
+        mapping it has not failed)."""
+        if not self.mapped or self.shard_names[shard] in self._unmappable:
+            return None
+        idx = self.index(shard)
+        return None if idx is None else idx.image[indices, 0]
+
     def will_need(self, shard: int, indices: np.ndarray) -> None:
         """Have the kernel start reading samples INDICES of mapped SHARD into the page
         cache (posix_fadvise WILLNEED), so that reading them soon does not wait for the
@@ -202,7 +218,7 @@ class Dataset:
             start, stop = (
                 (int(idx.begin[indices.min()]), int(idx.end[indices.max()])) if idx else (0, 0)
             )  # no index: the shard is read whole (length 0: to its end)
-            fd = os.open(f"{self.shard_base}/{self.shard_names[shard]}", os.O_RDONLY)
+            fd = os.open(self.shard_path(shard), os.O_RDONLY)
             try:
                 os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_WILLNEED)
             finally:
@@ -304,7 +320,8 @@ class Dataset:
             try:
                 return _map_range(f"{self.shard_base}/{name}", start, stop)
             except OSError:
-                pass  # not mappable here (a missing file, a file system without mmap): read it
+                # not mappable here (a missing file, a file system without mmap): read it
+                self._unmappable.add(name)
         return self._read(name, start, stop), start
 
     def _whole(self, info, listed: tuple[str, ...] | None) -> list[RawSample]:

@@ -119,27 +119,41 @@ def _same(got, want) -> bool:
     )
 
 
-def test_the_next_epoch_is_read_ahead_and_anything_else_is_read_afresh(small_ds):
-    # When an epoch's last batch has been read, the reader process starts the next
-    # epoch; what is then iterated (that epoch, another one, a replay, a resume) must
-    # be exactly what a loader that never read ahead gives.
-    cfg = cfg_for("dali-cpu", small_ds, batch_size=4, **AUGMENTATIONS["small"])
+@pytest.mark.parametrize("reader", ["process", "thread"])
+def test_the_next_epoch_is_made_ahead_and_anything_else_is_made_afresh(small_ds, reader):
+    # When an epoch's last batch is fed, the feeder goes on with the next epoch: its
+    # first batches are finished before the loop asks for them. What is then iterated
+    # (that epoch, another one, a replay, a resume, an epoch left early) must be exactly
+    # what a loader that never went ahead gives.
+    cfg = cfg_for("dali-cpu", small_ds, batch_size=4, reader=reader, **AUGMENTATIONS["small"])
     fresh = build_loader(dataclasses.replace(cfg, reader="thread"), World())
     with build_loader(cfg, World()) as loader, fresh:
         assert _same(_epoch(loader, 0), _epoch(fresh, 0))
-        seq, ahead = loader.backend._reader._ahead
-        assert ahead.epoch == 1 and ahead.start == 0
-        assert _same(_epoch(loader, 1), _epoch(fresh, 1))  # the epoch read ahead
-        assert loader.backend._reader._ahead[0] == seq + 1  # epoch 1 started no new read
-        assert _same(_epoch(loader, 3), _epoch(fresh, 3))  # not the one read ahead
+        stream = loader.backend._stream
+        deadline = time.monotonic() + 30
+        while stream._ready.qsize() < loader.cfg.prefetch and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stream._ready.qsize() == loader.cfg.prefetch  # epoch 1's first batches, done
+        assert stream._planned.epoch == 1 and stream._planned.start == 0
+        assert _same(_epoch(loader, 1), _epoch(fresh, 1))  # the epoch made ahead
+        assert loader.backend._stream is stream  # taken from the same feeder
+        assert _same(_epoch(loader, 3), _epoch(fresh, 3))  # not the one made ahead
+        assert loader.backend._stream is not stream
         assert _same(_epoch(loader), _epoch(fresh, 3))  # a replay of the same epoch
         fresh.set_epoch(4)
         it = iter(fresh)
         next(it), next(it)
         state = fresh.state_dict()
         rest = _epoch(fresh)
-        loader.load_state_dict(state)  # a resume while epoch 4 is read ahead
+        loader.load_state_dict(state)  # a resume while epoch 4 is made ahead
         assert _same(_epoch(loader), rest)
+        loader.set_epoch(5)
+        it = iter(loader)
+        b = next(it)
+        first = [(k, im.clone()) for k, im in zip(b.keys, b.images, strict=True)]
+        it.close()  # left early: the feeder stops; the rest of epoch 5 is made afresh
+        assert loader.backend._stream is None
+        assert _same(first + _epoch(loader), _epoch(fresh, 5))
 
 
 @pytest.mark.parametrize("packed_up_to", [0, 1 << 30], ids=["image-by-image", "one-buffer"])
@@ -162,6 +176,64 @@ def test_both_hand_overs_from_the_reader_process_give_the_thread_readers_pixels(
             corrupt = loader.epoch_report().corrupt
             assert corrupt == fresh.epoch_report().corrupt
             assert set(corrupt) == (corrupt_ds[1] if root == corrupt_ds[0] else set())
+
+
+@pytest.mark.parametrize("which", ["indexed", "no-idx"])
+def test_images_handed_over_as_spans_of_the_shard_files_equal_the_copies(small_ds, noidx_ds,
+                                                                         which):  # fmt: skip
+    """share_files: the reader process sends where each image lies in its shard file and
+    writes no shared memory; the parent's views of the files are the bytes the copying
+    hand-over gives. Shards read whole (no .idx) are copied as before."""
+    from pipeline.loader import Job
+    from pipeline.readerproc import ReaderProcess
+
+    root = small_ds if which == "indexed" else noidx_ds
+    with build_loader(cfg_for("dali-cpu", root, batch_size=3), World()) as loader:
+        job = Job(cfg=loader.cfg, world=loader.world, epoch=0, plan=loader.plan(), start=0,
+                  dataset=loader.dataset, device=loader.device)  # fmt: skip
+        readers = [ReaderProcess(loader.cfg, slots=3, share_files=s) for s in (False, True)]
+        try:
+            copied, shared = (
+                [
+                    (enc.keys, [bytes(i) for i in enc.images], enc.origin is None)
+                    for enc, _ in r.batches(job, keep=2)
+                ]
+                for r in readers
+            )
+            segments = glob.glob(f"/dev/shm/shardflow-{readers[1].token}-*")
+        finally:
+            for r in readers:
+                r.close()
+    assert [(k, i) for k, i, _ in shared] == [(k, i) for k, i, _ in copied]
+    assert all(no_origin for *_, no_origin in copied)
+    if which == "indexed":
+        assert not any(no_origin for *_, no_origin in shared) and not segments
+    else:
+        assert all(no_origin for *_, no_origin in shared) and segments
+
+
+def test_a_shard_shorter_than_when_it_was_read_is_a_clear_error(small_ds, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from pipeline.readerproc import _ShardFiles
+    from pipeline.storage import Dataset, ShardDataError
+
+    root = tmp_path / "ds"
+    shutil.copytree(small_ds, root)
+    with build_loader(cfg_for("dali-cpu", str(root)), World()) as loader:
+        ds: Dataset = loader.dataset
+        size = os.path.getsize(ds.shard_path(0))
+        files = _ShardFiles()
+        (view,) = files.images(ds, np.array([[0, size - 10, 10]]))
+        with open(ds.shard_path(0), "rb") as f:
+            assert bytes(view) == f.read()[-10:]
+        del view  # read past the new end, it would be a SIGBUS
+        files.clear()
+        os.truncate(ds.shard_path(0), size - 1024)
+        with pytest.raises(ShardDataError, match="changed in place"):
+            files.images(ds, np.array([[0, size - 10, 10]]))
 
 
 def _reader_pid(loader) -> int:
@@ -258,10 +330,10 @@ def test_a_batch_stays_in_place_while_the_batches_after_it_are_taken(small_ds):
             reader.close()
 
 
-def test_the_last_batches_of_an_epoch_stay_in_place_while_the_next_is_read_ahead(small_ds):
-    # The epoch's last batch is still in DALI when the child starts the next epoch: it
-    # must not write that epoch into its slot (with keep=2, the batch before it has
-    # been collected once the consumer asks for what comes after the last).
+def test_the_last_batches_of_an_epoch_stay_in_place_while_the_next_is_read(small_ds):
+    # The feeder asks for the next epoch while the last one's last batches are still in
+    # DALI: the child must not write the new epoch into their slots before the consumer
+    # has taken KEEP batches of it.
     from pipeline.loader import Job
     from pipeline.readerproc import ReaderProcess
 
@@ -276,12 +348,12 @@ def test_the_last_batches_of_an_epoch_stay_in_place_while_the_next_is_read_ahead
         try:
             taken = [enc for enc, _ in reader.batches(job(0), keep=2)]
             last = [bytes(i) for i in taken[-1].images]
-            nxt = job(1)
-            reader.prepare(nxt)
+            epoch1 = reader.batches(job(1), keep=2)
+            first = next(epoch1)[0]
             time.sleep(1.0)  # the child writes what it can of epoch 1 meanwhile
             assert [bytes(i) for i in taken[-1].images] == last
-            epoch1 = [enc.keys for enc, _ in reader.batches(nxt, keep=2)]
-            assert sum(map(len, epoch1)) == sum(map(len, (e.keys for e in taken)))
+            rest = [enc.keys for enc, _ in epoch1]
+            assert len(first.keys) + sum(map(len, rest)) == sum(len(e.keys) for e in taken)
         finally:
             reader.close()
 

@@ -330,3 +330,41 @@ def test_a_packed_batch_keeps_its_spans_equal_to_its_images_when_rows_are_replac
     assert [bytes(buf[a : a + n]) for a, n in sp.tolist()] == out.images
     assert out.images == [images[0], images[2], images[2], images[2]]
     assert out.skipped == ("x", "z") and enc.packed[1].tolist() == span.tolist()  # a copy
+
+
+def _file_bytes(ds, shard: int, at: int, n: int) -> bytes:
+    with open(ds.shard_path(shard), "rb") as f:
+        f.seek(at)
+        return f.read(n)
+
+
+def test_batch_origins_point_at_each_image_in_its_shard_file(small_ds, corrupt_ds, noidx_ds):
+    """encoded_batches(origins=True) on mapped shards: each batch says where its images
+    lie in the shard files (corrupt samples' stand-ins included), so that a consumer
+    reading there gets the very bytes; with a row replaced, the origin follows it. Where
+    a shard is not mapped, or has no .idx (read whole), there is no origin."""
+    from pipeline import World, build_loader
+    from pipeline.loader import Job
+    from pipeline.reader import encoded_batches
+
+    def batches(root, mapped):
+        cfg = LoaderConfig(data=root, batch_size=4, image_size=32, recipe="small",
+                           num_workers=0, shuffle_buffer=8)  # fmt: skip
+        with build_loader(cfg, World()) as loader:
+            loader.dataset.map_local = mapped
+            job = Job(cfg=loader.cfg, world=loader.world, epoch=0, plan=loader.plan(),
+                      start=0, dataset=loader.dataset, device=loader.device)  # fmt: skip
+            return loader.dataset, list(encoded_batches(job, views=True, origins=True))
+
+    for root in (small_ds, corrupt_ds[0]):
+        ds, got = batches(root, mapped=True)
+        for enc in got:
+            assert enc.origin is not None and enc.origin.shape == (4, 3)
+            assert [_file_bytes(ds, *row) for row in enc.origin.tolist()] == [
+                bytes(i) for i in enc.images
+            ]
+        assert any(enc.skipped for enc in got) == (root == corrupt_ds[0])
+    enc = got[0].replaced([0], 2, "refused")
+    assert enc.origin[0].tolist() == enc.origin[2].tolist() == got[0].origin[2].tolist()
+    assert all(enc.origin is None for enc in batches(small_ds, mapped=False)[1])
+    assert all(enc.origin is None for enc in batches(noidx_ds, mapped=True)[1])

@@ -1,0 +1,148 @@
+"""A feeder thread's queue of finished batches, run on from one epoch into the next.
+
+A training loop takes an epoch's batches, then asks for the next epoch from its
+start. A feeder started afresh per epoch leaves the training thread waiting at
+every epoch's start (the queue empty while the first batch is read, decoded and
+converted) and the decoder's threads idle while the last batches drain. So the
+stream goes on: once it has taken an epoch's last input it plans the epoch most
+likely next (``Job.following``, in the feeder thread) and feeds that, until
+``depth`` finished batches of it wait in the queue. If the loop then asks for
+exactly that job it gets them at once; anything else (another epoch, a resume, a
+loop that left an epoch early) stops the stream, and what it made is dropped.
+
+The feeder plans one job beyond the one the loop has started, never more: the
+loop's own Job of that epoch (not the feeder's) says what follows it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+log = logging.getLogger("pipeline")
+
+_END = object()
+_POLL_S = 0.1
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class FeedStream:
+    """Batches of JOB and of the jobs that follow it, made by one feeder thread.
+
+    INPUTS(job): the job's inputs, in order (the shard reader's batches). FINISH(inputs):
+    the finished batches of an iterator of inputs, one per input, in order (the decoder,
+    which keeps several inputs in flight, across the end of a job too). DEPTH: finished
+    batches queued ahead of the consumer.
+    """
+
+    def __init__(self, job, inputs: Callable, finish: Callable, depth: int,
+                 name: str = "feeder") -> None:  # fmt: skip
+        self._inputs = inputs
+        self._finish = finish
+        self._ready: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._started = -1  # jobs the consumer has started taking, counted from 0
+        self._current = None  # the consumer's Job it takes (or took) batches of
+        self._planned = None  # the job the feeder went on with after the current one
+        self._whole = False  # the current job's batches have all been taken
+        self._thread = threading.Thread(target=self._feed, args=(job,), name=name, daemon=True)
+        self._thread.start()
+
+    # -- the feeder thread -------------------------------------------------------------
+    def _feed(self, job) -> None:
+        chain = self._chain(job)
+        try:
+            # Closed in this order: the finishing stage first (what is in flight in the
+            # decoder is collected), then the inputs (their buffers are released).
+            with contextlib.closing(chain), contextlib.closing(self._finish(chain)) as finished:
+                for item in finished:
+                    if not self._put(item):
+                        return
+            self._put(_END)
+        except BaseException as exc:  # the consumer re-raises it in the job it belongs to
+            self._put(_Failure(exc))
+
+    def _chain(self, job) -> Iterator:
+        n = 0
+        while True:
+            yield from self._inputs(job)
+            job = self._following(n)
+            if job is None:
+                return
+            n += 1
+
+    def _following(self, n: int):
+        """The job after the Nth one, planned once the consumer has started the Nth
+        (its own Job knows what follows); None: the stream ends there."""
+        with self._cond:
+            while self._started < n and not self._stop.is_set():
+                self._cond.wait(_POLL_S)
+            if self._stop.is_set() or self._started != n:
+                return None
+            current = self._current
+        if current.following is None:
+            return None
+        try:
+            nxt = current.following()
+        except Exception as exc:  # noqa: BLE001 - going on early only saves time
+            log.warning("could not plan epoch %d ahead (%s); it is planned when it starts",
+                        current.epoch + 1, exc)  # fmt: skip
+            return None
+        with self._cond:
+            self._planned = nxt
+        return nxt
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # -- the consumer ------------------------------------------------------------------
+    def serves(self, job) -> bool:
+        """Whether JOB's batches are the ones this stream makes next: the job it planned
+        after the one taken last, from its start, that one taken whole."""
+        with self._cond:
+            planned = self._planned
+            return (self._whole and planned is not None and job.start == 0
+                    and job.epoch == planned.epoch and job.plan is planned.plan)  # fmt: skip
+
+    def take(self, job) -> Iterator:
+        """JOB's batches: the first job's, or the one serves() accepted."""
+        with self._cond:
+            self._started += 1
+            self._current, self._planned = job, None
+            steps = job.plan.steps - job.start
+            self._whole = steps == 0
+            self._cond.notify_all()
+        for i in range(steps):
+            item = self._ready.get()
+            if isinstance(item, _Failure):
+                raise item.exc
+            if item is _END:
+                raise RuntimeError("the feed ended before the epoch did")
+            self._whole = i == steps - 1
+            yield item
+
+    @property
+    def whole(self) -> bool:
+        """The current job's batches have all been taken (the stream can go on)."""
+        return self._whole
+
+    def stop(self) -> None:
+        """End the feeder thread; what it made is dropped."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join()

@@ -90,9 +90,19 @@ def _loader_run(cfg, epochs: int, thread_ms: list[float] | None = None):
                 done += len(batch)
             if thread_ms is not None:
                 thread_ms.append(1e3 * cpu / max(1, steps))
+        settle(loader)
         return done
 
     return loader, run
+
+
+def settle(loader) -> None:
+    """Wait, within the run timed, for what LOADER makes ahead of the training loop (the
+    DALI feeder goes on into the next epoch): the next run takes it ready, so it is
+    charged here, not to whatever is timed between the two."""
+    wait = getattr(loader.backend, "wait_ahead", None)
+    if wait is not None:
+        wait()
 
 
 def _items(root: str, batch: int, epochs: int, storage_options=None) -> int:

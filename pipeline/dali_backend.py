@@ -351,6 +351,12 @@ class DaliBackend:
             if not stream.whole:  # left early: what the stream made next is not wanted
                 self._stop_stream()
 
+    def wait_ahead(self, timeout: float = 60.0) -> None:
+        """Wait until the feeder has made what it makes ahead of the training loop (see
+        FeedStream.wait_ahead)."""
+        if self._stream is not None:
+            self._stream.wait_ahead(timeout)
+
     def _stop_stream(self) -> None:
         if self._stream is not None:
             self._stream.stop()

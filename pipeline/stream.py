@@ -59,6 +59,8 @@ class FeedStream:
         self._current = None  # the consumer's Job it takes (or took) batches of
         self._planned = None  # the job the feeder went on with after the current one
         self._whole = False  # the current job's batches have all been taken
+        self._idle = threading.Event()  # the feeder waits for room in the queue
+        self._ended = False
         self._thread = threading.Thread(target=self._feed, args=(job,), name=name, daemon=True)
         self._thread.start()
 
@@ -75,6 +77,8 @@ class FeedStream:
             self._put(_END)
         except BaseException as exc:  # the consumer re-raises it in the job it belongs to
             self._put(_Failure(exc))
+        finally:
+            self._ended = True
 
     def _chain(self, job) -> Iterator:
         n = 0
@@ -90,7 +94,9 @@ class FeedStream:
         (its own Job knows what follows); None: the stream ends there."""
         with self._cond:
             while self._started < n and not self._stop.is_set():
+                self._idle.set()  # a whole job ahead: nothing more to do until it starts
                 self._cond.wait(_POLL_S)
+            self._idle.clear()
             if self._stop.is_set() or self._started != n:
                 return None
             current = self._current
@@ -112,11 +118,13 @@ class FeedStream:
             return True
         except queue.Full:
             pass
+        self._idle.set()
         while not self._stop.is_set():  # ahead of the consumer: wait for it to take one
             try:
                 self._ready.put(item, timeout=_POLL_S)
             except queue.Full:
                 continue
+            self._idle.clear()
             # The consumer has just taken a batch and starts its step: the Python part of
             # a training step wants the GIL now, and this thread, woken by that very take,
             # would compete for it with its own Python work for the next batch. Stepping
@@ -145,6 +153,7 @@ class FeedStream:
             self._cond.notify_all()
         for i in range(steps):
             item = self._ready.get()
+            self._idle.clear()  # there is room now: the feeder goes on
             if isinstance(item, _Failure):
                 raise item.exc
             if item is _END:
@@ -156,6 +165,16 @@ class FeedStream:
     def whole(self) -> bool:
         """The current job's batches have all been taken (the stream can go on)."""
         return self._whole
+
+    def wait_ahead(self, timeout: float) -> bool:
+        """Wait until the feeder has filled the queue (or ended): what it does meanwhile
+        is then done, but for a batch still in the decoder. For benchmarks that time runs
+        back to back, so that one run's work ahead is not done in the next one's time."""
+        deadline = time.monotonic() + timeout
+        while not (self._ended or self._idle.wait(_POLL_S)):
+            if time.monotonic() > deadline:
+                return False
+        return True
 
     def stop(self) -> None:
         """End the feeder thread; what it made is dropped."""

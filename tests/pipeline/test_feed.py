@@ -130,9 +130,7 @@ def test_the_next_epoch_is_made_ahead_and_anything_else_is_made_afresh(small_ds,
     with build_loader(cfg, World()) as loader, fresh:
         assert _same(_epoch(loader, 0), _epoch(fresh, 0))
         stream = loader.backend._stream
-        deadline = time.monotonic() + 30
-        while stream._ready.qsize() < loader.cfg.prefetch and time.monotonic() < deadline:
-            time.sleep(0.01)
+        loader.backend.wait_ahead(timeout=30)
         assert stream._ready.qsize() == loader.cfg.prefetch  # epoch 1's first batches, done
         assert stream._planned.epoch == 1 and stream._planned.start == 0
         assert _same(_epoch(loader, 1), _epoch(fresh, 1))  # the epoch made ahead

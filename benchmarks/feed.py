@@ -17,7 +17,8 @@ run, repetitions interleaved round by round:
   reading in threads of this process, without the hand-over, the baseline. For
   ImageNet also on ``imagenet-x10`` (the sample listed 10 times: 5,000 samples,
   one epoch per round), where an epoch's start (its plan, the first shuffle-buffer
-  fill) does not come every 500 samples as it does on the sample itself;
+  fill) does not come every 500 samples as it does on the sample itself (the
+  dali-cpu figures too);
 * ``train-thread-ms``: CPU time of the training thread per batch taken
   (``time.thread_time`` around each ``next``), process against thread reader;
 * ``neighbour``: a training-step proxy (``--gil-ms`` of Python work holding the
@@ -30,8 +31,9 @@ run, repetitions interleaved round by round:
 
 Our loader's feeder goes on into the next epoch between runs; each run waits for
 that work ahead before its time stops (``settle``), so it is charged to the run
-that the next one takes it from, not to whatever is timed in between. DALI's own
-reader prefetches too (2 batches), which is not waited for.
+that the next one takes it from. DALI's own reader prefetches too (2 batches),
+which is not charged to its run. What a job leaves running in the background
+ends in a pause (``QUIET_S``) before the next job's clock starts.
 
 On a 2-core machine the DALI threads, the reader process and the training
 thread share two cores, so the neighbour ratio there measures contention as
@@ -58,6 +60,9 @@ from benchmarks.pipeline_read import (
 THREADS = 2
 # The ImageNet sample listed this many times for the reader-alone figures' steady state.
 STEADY_COPIES = 10
+# Between two jobs timed, what the last one left running in the background (DALI's own
+# reader prefetching, a batch still in our decoder) ends before the next one's clock starts.
+QUIET_S = 0.3
 
 
 def add_arguments(parser) -> None:
@@ -174,18 +179,21 @@ def _first_batch_and_builds(ds: dict) -> tuple[float, int]:
 
 
 def _measure_dataset(ds: dict, args, notes: dict) -> list[Measurement]:
-    name, epochs = ds["name"], ds["epochs"]
-    items = _items(ds["root"], ds["batch"], epochs)
-    base = f"dali-native-wds/{name}"
+    name = ds["name"]
     jobs: list[tuple[Measurement, object]] = []
     loaders = []
     thread_ms = {"process": [], "thread": []}
-    jobs.append((Measurement(name=base, unit="img/s", items=items), _dali_native_run(ds, epochs)))
-    for reader in ("process", "thread"):
-        loader, run = _loader_run(_cfg(ds, reader), epochs, thread_ms[reader])
-        loaders.append(loader)
-        jobs.append((Measurement(name=f"dali-cpu/{reader}/{name}", unit="img/s", items=items,
-                                 baseline=base), run))  # fmt: skip
+    for tds in [ds, *ds.get("steady", [])]:
+        items = _items(tds["root"], tds["batch"], tds["epochs"])
+        base = f"dali-native-wds/{tds['name']}"
+        jobs.append((Measurement(name=base, unit="img/s", items=items),
+                     _dali_native_run(tds, tds["epochs"])))  # fmt: skip
+        for reader in ("process", "thread"):
+            ms = thread_ms[reader] if tds is ds else None
+            loader, run = _loader_run(_cfg(tds, reader), tds["epochs"], ms)
+            loaders.append(loader)
+            jobs.append((Measurement(name=f"dali-cpu/{reader}/{tds['name']}", unit="img/s",
+                                     items=items, baseline=base), run))  # fmt: skip
     for rds in [ds, *ds.get("steady", [])]:
         ritems = _items(rds["root"], rds["batch"], rds["epochs"])
         rbase = f"reader-alone/thread/{rds['name']}"
@@ -213,6 +221,7 @@ def _measure_dataset(ds: dict, args, notes: dict) -> list[Measurement]:
             thread_ms[reader].clear()
         for r in range(args.repeats):
             for m, run in jobs:
+                time.sleep(QUIET_S)
                 one = measure(m.name, run, items=m.items, unit=m.unit, warmup=0, repeats=1,
                               progress=None)  # fmt: skip
                 m.seconds += one.seconds

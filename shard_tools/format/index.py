@@ -77,8 +77,8 @@ class ShardIndex:
         out: list[tuple[int, int, np.ndarray]] = []
         if len(indices) == 0:
             return out
-        b = self.begin[indices]
-        e = self.end[indices]
+        b = self.begin[indices].tolist()  # Python ints: numpy scalars cost 5x per access
+        e = self.end[indices].tolist()
         first = 0
         for i in range(1, len(indices) + 1):
             if i == len(indices) or b[i] - e[i - 1] > merge_gap or e[i] - b[first] > max_bytes:

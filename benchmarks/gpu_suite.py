@@ -10,7 +10,9 @@
    (bf16 autocast, channels_last, SGD) fed by ``dali-gpu``, by ``synthetic``
    tensors already on the GPU (the ceiling) and by webdataset + DataLoader +
    PIL (one worker per core, resampled shards so the workers start once).
-   Feed ratio = img/s fed / img/s synthetic. The loaders alone are timed too,
+   ResNet-18 and the loader alone also with ``hand_over="files"`` (photos read
+   in place from the shard files, image by image, instead of one shared-memory
+   buffer per batch). Feed ratio = img/s fed / img/s synthetic. The loaders alone are timed too,
    which names the bottleneck (feed or compute) per model.
 3. Decode throughput of DALI's mixed (nvJPEG) decoder with hw_decoder_load 0 /
    0.65 / 0.9: the loader's graph for the ImageNet recipe (ROI decode fused
@@ -220,6 +222,13 @@ def _feed(root: str, sz: Sizes, repeats: int, notes: dict) -> list[Measurement]:
     dali_make, dali_close = e2e.loader_batches(
         LoaderConfig(data=root, backend=sz.feed_backend, **common)
     )
+    # The other hand-over for photos: image by image, read in place from the shard files
+    # (on a GPU the default is one shared-memory buffer per batch; which is faster there
+    # is this figure's question). ResNet-18 only: the model that waits most on its feed.
+    files = f"{sz.feed_backend}-files"
+    files_make, files_close = e2e.loader_batches(
+        LoaderConfig(data=root, backend=sz.feed_backend, hand_over="files", **common)
+    )
     wds_batches = None
     wds_make = e2e.wds_batches(root, sz.batch, sz.image_size, num_workers=sz.workers,
                                resampled=True)  # fmt: skip
@@ -229,6 +238,8 @@ def _feed(root: str, sz: Sizes, repeats: int, notes: dict) -> list[Measurement]:
         wds_batches = wds_make()  # one endless stream: the workers start once
         feed_wds = timed("loader/wds-dataloader", wds_batches, None, None,
                          {"what": "loader alone"})  # fmt: skip
+        timed(f"loader/{files}", e2e.endless(files_make), None, f"loader/{sz.feed_backend}",
+              {"what": "loader alone", "hand_over": "files"})  # fmt: skip
         for model in FEED_MODELS:
             print(f"-- feed: {model}", flush=True)
             step = e2e.trainer(model, num_classes, False, device)
@@ -243,6 +254,9 @@ def _feed(root: str, sz: Sizes, repeats: int, notes: dict) -> list[Measurement]:
                         ceiling.name, {"model": model})  # fmt: skip
             base = timed(f"train/wds-dataloader/{model}", wds_batches, step, ceiling.name,
                          {"model": model})  # fmt: skip
+            if model == "resnet18":
+                timed(f"train/{files}/{model}", e2e.endless(files_make), step, ceiling.name,
+                      {"model": model, "hand_over": "files"})  # fmt: skip
             for m, feed in ((fed, feed_dali), (base, feed_wds)):
                 limit = "data feed" if feed.median < ceiling.median else "compute"
                 notes[f"bottleneck {m.name}"] = (
@@ -255,6 +269,7 @@ def _feed(root: str, sz: Sizes, repeats: int, notes: dict) -> list[Measurement]:
                 torch.cuda.empty_cache()
     finally:
         dali_close()
+        files_close()
         del wds_batches  # ends the DataLoader's worker processes
     return out
 

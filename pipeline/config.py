@@ -15,6 +15,7 @@ RECIPES = ("imagenet", "small")
 DTYPES = ("float32", "float16", "bfloat16")
 CACHES = ("none", "device")
 READERS = ("auto", "process", "thread")
+HAND_OVERS = ("auto", "buffer", "files")
 IMAGE_OR_LABEL = ("jpg", "jpeg", "png", "webp", "cls")
 
 
@@ -91,6 +92,11 @@ class LoaderConfig:
     # Where the shard reader runs for the DALI backends: "process" (its own, so that it
     # never takes the GIL from the training loop), "thread" (this one), "auto" (process).
     reader: str = "auto"
+    # How the reader process hands a batch to DALI: "buffer" (the batch's images copied
+    # into one shared-memory buffer, cut apart by DALI), "files" (image by image; those of
+    # local shards as views of the shard files, not copied), "auto" (buffer for small
+    # images and on a GPU, else files; see dali_backend.PACKED_UP_TO).
+    hand_over: str = "auto"
 
     # storage
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
@@ -163,6 +169,10 @@ class LoaderConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.reader not in READERS:
             raise ValueError(f"reader must be one of {', '.join(READERS)}, got {self.reader!r}")
+        if self.hand_over not in HAND_OVERS:
+            raise ValueError(
+                f"hand_over must be one of {', '.join(HAND_OVERS)}, got {self.hand_over!r}"
+            )
         for name in ("num_workers", "retries") + (
             ("read_ahead",) if self.read_ahead is not None else ()
         ):

@@ -69,9 +69,9 @@ class DecodeError(RuntimeError):
     """Every image of a batch failed to decode: nothing valid to stand in."""
 
 
-# Batches of images up to this size on average (shard bytes per sample) reach DALI from the
-# reader process as one buffer that DALI cuts into images (see _feed); larger ones image by
-# image. The cut copies each image on DALI's threads: cheaper than the ~2.5 us of GIL an
+# With hand_over="auto", batches of images up to this size on average (shard bytes per
+# sample) reach DALI from the reader process as one buffer that DALI cuts into images (see
+# _feed); larger ones image by image. The cut copies each image on DALI's threads: cheaper than the ~2.5 us of GIL an
 # image costs handed over alone when images are small; for photos on the CPU backend, whose
 # decode threads pay for that copy, it cost a proxy training step 4% on 2 cores (ImageNet
 # sample, 114 KB per image). On a GPU the node's cores absorb the copy and the GIL is what
@@ -164,7 +164,10 @@ class DaliBackend:
         # The reader process hands each batch's images over in one buffer: DALI gets that
         # buffer and each image's span, and cuts the images out in its own threads.
         small = self.sample_bytes is not None and self.sample_bytes <= PACKED_UP_TO
-        self._packed = self._use_process() and (gpu or small)
+        mode = self.cfg.hand_over
+        self._packed = self._use_process() and (
+            mode == "buffer" or (mode == "auto" and (gpu or small))
+        )
         pipe = Pipeline(
             batch_size=self.cfg.batch_size,
             num_threads=self.cfg.num_threads,

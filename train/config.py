@@ -71,6 +71,12 @@ class DataConfig:
         "training), thread = the training process (default: auto = process for DALI)",
         choices=("auto", "process", "thread"),
     )  # fmt: skip
+    hand_over: str = _opt(
+        "auto", "how the reader process hands batches to DALI: buffer = one shared-memory "
+        "buffer per batch, files = image by image, local shards' images read in place "
+        "(default: auto = buffer for small images and on a GPU, else files)",
+        choices=("auto", "buffer", "files"),
+    )  # fmt: skip
     max_read_mb: int = _opt(16, "largest single ranged read of a shard, MiB (default: %(default)s)")
     retries: int = _opt(3, "extra attempts of a failed shard read (default: %(default)s)")
     retry_backoff_s: float = _opt(
@@ -174,7 +180,8 @@ class DataConfig:
 
     def loader_fields(self) -> dict[str, Any]:
         """The fields that map one to one onto pipeline.LoaderConfig."""
-        names = ("prefetch", "read_ahead", "reader", "max_read_mb", "retries", "retry_backoff_s",
+        names = ("prefetch", "read_ahead", "reader", "hand_over", "max_read_mb", "retries",
+                 "retry_backoff_s",
                  "hw_decoder_load", "dtype", "shuffle", "shuffle_buffer", "shuffle_initial", "hflip",
                  "vflip",
                  "rotate_deg", "translate", "scale", "ratio", "pad_px", "brightness", "contrast",

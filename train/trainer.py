@@ -394,7 +394,8 @@ def train(run: Run) -> dict[str, Any]:
     lc = getattr(run.loader, "cfg", None)
     if lc is not None:
         derived["loader"] = {k: getattr(lc, k) for k in ("backend", "num_threads", "prefetch",
-                             "read_ahead", "reader", "max_read_mb", "hw_decoder_load")}  # fmt: skip
+                             "read_ahead", "reader", "hand_over", "max_read_mb",
+                             "hw_decoder_load")}  # fmt: skip
     run.log.event(
         "start", {"environment": env, **derived},
         f"train: {cfg.model.model} on {cfg.data.data or 'synthetic data'} ({cfg.data.backend}), "

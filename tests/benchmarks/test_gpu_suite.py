@@ -37,10 +37,11 @@ def test_dry_run_measures_every_part_and_prints_the_summary_last(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = check_results(tmp_path / "out", "gpu")
     names = [r["name"] for r in payload["results"]]
-    expected = ["loader/dali-cpu", "loader/wds-dataloader"]
+    expected = ["loader/dali-cpu", "loader/wds-dataloader", "loader/dali-cpu-files"]
     for model in ("resnet50", "resnet18"):
         expected += [f"train/synthetic/{model}", f"train/dali-cpu/{model}",
                      f"train/wds-dataloader/{model}"]  # fmt: skip
+    expected.append("train/dali-cpu-files/resnet18")
     expected += [f"decode/cpu/hw_decoder_load={x}" for x in ("0", "0.65", "0.9")]
     expected += ["cifar10/cifar_fast/time-to-94%"]
     assert names == expected

@@ -154,22 +154,21 @@ def test_the_next_epoch_is_made_ahead_and_anything_else_is_made_afresh(small_ds,
         assert _same(first + _epoch(loader), _epoch(fresh, 5))
 
 
-@pytest.mark.parametrize("packed_up_to", [0, 1 << 30], ids=["image-by-image", "one-buffer"])
+@pytest.mark.parametrize("hand_over", ["files", "buffer"])
 def test_both_hand_overs_from_the_reader_process_give_the_thread_readers_pixels(
-    small_ds, corrupt_ds, monkeypatch, packed_up_to
+    small_ds, corrupt_ds, hand_over
 ):
     """A batch from the reader process reaches DALI as one buffer cut in DALI (small
     images) or image by image (photos): the same pixels as the thread reader's, also for
     a batch rebuilt after a decoder error."""
-    from pipeline import dali_backend
-
-    monkeypatch.setattr(dali_backend, "PACKED_UP_TO", packed_up_to)
     for root in (small_ds, corrupt_ds[0]):
-        cfg = cfg_for("dali-cpu", root, batch_size=4, **AUGMENTATIONS["small"])
+        cfg = cfg_for("dali-cpu", root, batch_size=4, hand_over=hand_over,
+                      **AUGMENTATIONS["small"])  # fmt: skip
         fresh = build_loader(dataclasses.replace(cfg, reader="thread"), World())
         with build_loader(cfg, World()) as loader, fresh:
             got, want = _epoch(loader, 1), _epoch(fresh, 1)
-            assert loader.backend._packed == bool(packed_up_to)
+            assert loader.backend._packed == (hand_over == "buffer")
+            assert loader.backend._reader._files._maps or hand_over == "buffer"
             assert _same(got, want)
             corrupt = loader.epoch_report().corrupt
             assert corrupt == fresh.epoch_report().corrupt

@@ -22,7 +22,7 @@ FLAGS = ["--data", "d", "--out", "o", "--rotate-deg", "15", "--translate", "0.1"
          "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--eval-resize", "40",
          "--dtype", "float16", "--dali-threads", "3", "--num-workers", "1", "--prefetch", "4",
          "--read-ahead", "5", "--max-read-mb", "16", "--retries", "1", "--retry-backoff-s", "0.1",
-         "--hw-decoder-load", "0.9", "--no-shuffle", "--shuffle-buffer", "128",
+         "--hw-decoder-load", "0.9", "--hand-over", "files", "--no-shuffle", "--shuffle-buffer", "128",
          "--cache-max-gb", "2"]  # fmt: skip
 TOML = """
 [data]
@@ -48,6 +48,7 @@ max_read_mb = 16
 retries = 1
 retry_backoff_s = 0.1
 hw_decoder_load = 0.9
+hand_over = "files"
 shuffle = false
 shuffle_buffer = 128
 cache_max_gb = 2
@@ -63,10 +64,11 @@ def test_flags_and_toml_keys_give_the_same_config_and_round_trip_through_config_
     from_toml = parse_args(["--config", str(toml)])
     assert from_flags == from_toml
     d = from_flags.data
-    assert (d.scale, d.mean, d.hw_decoder_load, d.shuffle) == (
+    assert (d.scale, d.mean, d.hw_decoder_load, d.hand_over, d.shuffle) == (
         (0.35, 1.0),
         (0.5, 0.5, 0.5),
         0.9,
+        "files",
         False,
     )
     written = tmp_path / "config.json"

@@ -344,7 +344,7 @@ class DaliBackend:
         self.pipeline()
         self._start_reader()
         stream = self._stream
-        if stream is None or not stream.serves(job):
+        if stream is None or not stream.accept(job):
             self._stop_stream()
             stream = self._stream = FeedStream(job, self._source, self._finished,
                                                depth=self.cfg.prefetch, name="dali-feeder")  # fmt: skip

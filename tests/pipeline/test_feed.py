@@ -154,6 +154,40 @@ def test_the_next_epoch_is_made_ahead_and_anything_else_is_made_afresh(small_ds,
         assert _same(first + _epoch(loader), _epoch(fresh, 5))
 
 
+def test_a_stream_nobody_comes_back_to_stops_and_lets_its_loader_go(small_ds, monkeypatch):
+    # The feeder goes on into the next epoch; a loop that does not ask for it (training
+    # over, a loader dropped without close()) must not keep the feeder, its batches and
+    # the reader process alive. Asked for later, the epoch is made afresh, the same.
+    import gc
+
+    from pipeline import stream
+
+    monkeypatch.setattr(stream, "AHEAD_FOR_S", 0.5)
+    cfg = cfg_for("dali-cpu", small_ds, batch_size=4, **AUGMENTATIONS["small"])
+    with build_loader(dataclasses.replace(cfg, reader="thread"), World()) as fresh:
+        want = _epoch(fresh, 1)
+    loader = build_loader(cfg, World())
+    _epoch(loader, 0)
+    ahead = loader.backend._stream
+    ahead._thread.join(timeout=30)
+    assert not ahead._thread.is_alive() and ahead._ready.qsize() == 0
+    assert _same(_epoch(loader, 1), want)
+    assert loader.backend._stream is not ahead
+    pid = _reader_pid(loader)
+    loader.backend._stream._thread.join(timeout=30)
+    del loader, ahead
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the dropped loader's reader process {pid} is still running")
+
+
 @pytest.mark.parametrize("hand_over", ["files", "buffer"])
 def test_both_hand_overs_from_the_reader_process_give_the_thread_readers_pixels(
     small_ds, corrupt_ds, hand_over

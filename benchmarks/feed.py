@@ -179,12 +179,6 @@ def _first_batch_and_builds(ds: dict) -> tuple[float, int]:
 
 
 def _measure_dataset(ds: dict, args, notes: dict) -> list[Measurement]:
-    from pipeline import stream
-
-    # A round of this suite comes back to each loader after a minute or more, longer
-    # than a training loop's epoch boundary lasts: the feeder's work ahead is kept for
-    # the next round as it is for the next epoch (instead of dropped after AHEAD_FOR_S).
-    stream.AHEAD_FOR_S = 3600.0
     name = ds["name"]
     jobs: list[tuple[Measurement, object]] = []
     loaders = []
@@ -253,6 +247,8 @@ def _measure_dataset(ds: dict, args, notes: dict) -> list[Measurement]:
 
 
 def run(args) -> tuple[list[Measurement], dict]:
+    from pipeline import stream
+
     notes: dict = {
         "setup": f"dali-cpu, {THREADS} DALI threads, fp32 channels_last out, train augmentation "
         "(ImageNet: random-resized-crop 224 + flip; CIFAR: pad 4 + crop 32 + flip); DALI's own "
@@ -274,8 +270,16 @@ def run(args) -> tuple[list[Measurement], dict]:
                 ds["steady"] = [dict(ds, name=f"imagenet-x{STEADY_COPIES}", root=root, epochs=1)]
         notes["load average at start (1/5/15 min)"] = _load()
         out: list[Measurement] = []
-        for ds in datasets:
-            print(f"-- {ds['name']}: {ds['root']}", flush=True)
-            out += _measure_dataset(ds, args, notes)
+        # A round of this suite comes back to each loader after a minute or more, longer
+        # than a training loop's epoch boundary lasts: the feeder's work ahead is kept for
+        # the next round as it is for the next epoch (not dropped after AHEAD_FOR_S).
+        kept = stream.AHEAD_FOR_S
+        stream.AHEAD_FOR_S = 3600.0
+        try:
+            for ds in datasets:
+                print(f"-- {ds['name']}: {ds['root']}", flush=True)
+                out += _measure_dataset(ds, args, notes)
+        finally:
+            stream.AHEAD_FOR_S = kept
         notes["load average at end (1/5/15 min)"] = _load()
     return out, notes

@@ -195,7 +195,10 @@ class Dataset:
 
     def shard_path(self, shard: int) -> str:
         """SHARD's file on its storage (a local path where ``mapped``)."""
-        return f"{self.shard_base}/{self.shard_names[shard]}"
+        return self._shard_file(self.shard_names[shard])
+
+    def _shard_file(self, name: str) -> str:
+        return f"{self.shard_base}/{name}"
 
     def image_offsets(self, shard: int, indices: np.ndarray) -> np.ndarray | None:
         """Where the images of samples INDICES of SHARD start in its file (-1: no image),
@@ -307,7 +310,7 @@ class Dataset:
         return found
 
     def _read(self, name: str, start: int | None = None, stop: int | None = None) -> bytes:
-        data = self.shard_fs.cat_file(f"{self.shard_base}/{name}", start=start, end=stop)
+        data = self.shard_fs.cat_file(self._shard_file(name), start=start, end=stop)
         if start is not None and stop is not None and len(data) != stop - start:
             raise TarFormatError(
                 f"short read: bytes {start}..{stop} gave {len(data)} bytes (truncated shard?)"
@@ -318,7 +321,7 @@ class Dataset:
         """Bytes START..STOP of shard NAME: (a buffer, the shard offset of its first byte)."""
         if self.mapped and stop > start:
             try:
-                return _map_range(f"{self.shard_base}/{name}", start, stop)
+                return _map_range(self._shard_file(name), start, stop)
             except OSError:
                 # not mappable here (a missing file, a file system without mmap): read it
                 self._unmappable.add(name)

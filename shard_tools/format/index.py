@@ -9,6 +9,7 @@ members out of one ranged read, without parsing tar headers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -69,6 +70,13 @@ class ShardIndex:
     def __len__(self) -> int:
         return len(self.members)
 
+    @functools.cached_property
+    def key_array(self) -> np.ndarray:
+        """The keys as an object array: a reader takes many of them with one index."""
+        out = np.empty(len(self.keys), dtype=object)
+        out[:] = self.keys
+        return out
+
     def ranges(
         self, indices: np.ndarray, merge_gap: int, max_bytes: int
     ) -> list[tuple[int, int, np.ndarray]]:
@@ -77,13 +85,15 @@ class ShardIndex:
         out: list[tuple[int, int, np.ndarray]] = []
         if len(indices) == 0:
             return out
-        b = self.begin[indices].tolist()  # Python ints: numpy scalars cost 5x per access
-        e = self.end[indices].tolist()
-        first = 0
-        for i in range(1, len(indices) + 1):
-            if i == len(indices) or b[i] - e[i - 1] > merge_gap or e[i] - b[first] > max_bytes:
-                out.append((int(b[first]), int(e[i - 1]), indices[first:i]))
-                first = i
+        b, e = self.begin[indices], self.end[indices]  # e never decreases: indices are sorted
+        gaps = (np.flatnonzero(b[1:] - e[:-1] > merge_gap) + 1).tolist()
+        for lo, hi in zip([0, *gaps], [*gaps, len(indices)], strict=True):
+            first = lo
+            while first < hi:  # the longest run from FIRST within max_bytes, one sample at least
+                stop = first + int(np.searchsorted(e[first:hi], b[first] + max_bytes, "right"))
+                stop = max(stop, first + 1)
+                out.append((int(b[first]), int(e[stop - 1]), indices[first:stop]))
+                first = stop
         return out
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from shard_tools.format import (
+    ShardIndex,
     index_name,
     iter_tar,
     parse_index,
@@ -127,3 +128,29 @@ def test_dali_reads_what_the_writer_wrote(seed, tmp_path):
     (out,) = p.run()
     got = [bytes(np.asarray(out[i])) for i in range(len(samples))]
     assert got == [dict(ms)[ext] for _, ms in samples]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_index_ranges_cover_the_samples_in_runs_bounded_by_gap_and_size(seed):
+    """ShardIndex.ranges: sorted samples (pad repeats included) grouped in order into byte
+    ranges; a new range wherever the gap to the last sample exceeds merge_gap or the range
+    would exceed max_bytes (a single sample larger than that gets a range of its own)."""
+    rng = np.random.default_rng(seed)
+    n = 300
+    size = rng.integers(1, 5000, n)
+    gap = np.where(rng.random(n) < 0.1, rng.integers(0, 20000, n), 512)
+    begin = np.cumsum(size + gap) - size
+    index = ShardIndex(members=((),) * n, begin=begin, end=begin + size, keys=("k",) * n,
+                       image=np.zeros((n, 2)), label=np.zeros((n, 2)))  # fmt: skip
+    picked = np.sort(rng.choice(n, size=rng.integers(1, 2 * n), replace=True))
+    merge_gap, max_bytes = int(rng.integers(0, 10000)), int(rng.integers(1000, 60000))
+    want, first = [], 0  # the rule, one sample at a time
+    for i in range(1, len(picked) + 1):
+        if (i == len(picked) or begin[picked[i]] - begin[picked[i - 1]] - size[picked[i - 1]]
+                > merge_gap or begin[picked[i]] + size[picked[i]] - begin[picked[first]]
+                > max_bytes):  # fmt: skip
+            want.append((begin[picked[first]], begin[picked[i - 1]] + size[picked[i - 1]],
+                         picked[first:i].tolist()))  # fmt: skip
+            first = i
+    got = [(a, b, ids.tolist()) for a, b, ids in index.ranges(picked, merge_gap, max_bytes)]
+    assert got == want

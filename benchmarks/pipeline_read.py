@@ -206,7 +206,7 @@ def _reader_only(cfg, epochs: int, *, draws: bool = False, loaders: list | None 
             job = next_epoch_job(loader, state)
             for enc in encoded_batches(job):
                 if draws:
-                    augment.draw(loader.cfg, enc.keys, job.epoch, enc.width, enc.height)
+                    augment.draw(loader.cfg, enc.key_hash, job.epoch, enc.width, enc.height)
                 done += len(enc.keys)
         return done
 

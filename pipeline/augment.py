@@ -8,9 +8,10 @@ from a checkpoint (with the same world size or another) produces exactly the
 images the uninterrupted run would have, and the pipeline is built once
 instead of being reseeded per epoch or resume.
 
-Every sample's key is hashed with the seed and epoch into a 64-bit counter;
-its random numbers are splitmix64 of that counter plus their index, so a
-batch's parameters are a few vectorised array operations. The distributions
+Every sample's key is hashed once (64 bits of BLAKE2b, kept with what else the
+reader learns of a sample) and mixed with a hash of the seed and epoch into a
+64-bit counter; its random numbers are splitmix64 of that counter plus their
+index, so a batch's parameters are a few vectorised array operations. The distributions
 are those of the torch backend's torchvision transforms (random resized crop
 with torchvision's ten attempts and its centre-crop fallback, pad + random
 crop, rotation and translation uniform in their ranges, colour factors uniform
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 RRC_ATTEMPTS = 10
 # Which uniform each parameter uses (fixed: changing it changes every image).
@@ -33,22 +33,32 @@ _U_FLIP_H, _U_FLIP_V, _U_ANGLE, _U_TX, _U_TY, _U_B, _U_C, _U_S, _U_PAD_X, _U_PAD
 _U_RRC = 16  # 4 uniforms per attempt from here on
 
 
-def sample_counters(keys: list[str], seed: int, epoch: int) -> np.ndarray:
-    """One 64-bit counter per key (uint64), from (seed, epoch, key)."""
-    prefix = f"{seed}\x1f{epoch}\x1f".encode()
+def key_hashes(keys: list[str]) -> np.ndarray:
+    """64 bits of BLAKE2b of each key (uint64)."""
     blake2b = hashlib.blake2b
-    digests = b"".join([blake2b(prefix + key.encode(), digest_size=8).digest() for key in keys])
+    digests = b"".join([blake2b(key.encode(), digest_size=8).digest() for key in keys])
     # each digest read as a little-endian integer
     return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every output bit depends on every input bit."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def sample_counters(key_hash: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """One 64-bit counter per sample (uint64), from (seed, epoch, its key's hash)."""
+    salt = hashlib.blake2b(f"{seed}\x1f{epoch}".encode(), digest_size=8).digest()
+    return _mix(np.asarray(key_hash, dtype=np.uint64) ^ np.frombuffer(salt, dtype="<u8")[0])
 
 
 def uniforms(counters: np.ndarray, which: int | np.ndarray) -> np.ndarray:
     """Uniform floats in [0, 1), one per counter, for draw number WHICH (splitmix64)."""
     with np.errstate(over="ignore"):
-        z = counters + (np.asarray(which, dtype=np.uint64) + np.uint64(1)) * _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
+        z = _mix(counters + (np.asarray(which, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
@@ -106,13 +116,13 @@ def random_resized_crop(
 
 
 def draw(
-    cfg, keys: list[str], epoch: int, width: np.ndarray, height: np.ndarray
+    cfg, key_hash: np.ndarray, epoch: int, width: np.ndarray, height: np.ndarray
 ) -> BatchParams | None:
-    """The augmentation of a training batch of KEYS (images of WIDTH x HEIGHT), or None
-    for evaluation."""
+    """The augmentation of a training batch of samples whose keys hash to KEY_HASH
+    (key_hashes; images of WIDTH x HEIGHT), or None for evaluation."""
     if not cfg.train:
         return None
-    c = sample_counters(keys, cfg.seed, epoch)
+    c = sample_counters(key_hash, cfg.seed, epoch)
     size = float(cfg.image_size)
     crop = pad_anchor = angle = offset = colour = None
     if cfg.recipe == "small":

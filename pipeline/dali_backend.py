@@ -121,7 +121,7 @@ def feed_batches(cfg, job) -> Iterator[tuple[EncodedBatch, augment.BatchParams |
     source = encoded_batches(job, views=True)
     try:
         for enc in source:
-            yield enc, augment.draw(cfg, enc.keys, job.epoch, enc.width, enc.height)
+            yield enc, augment.draw(cfg, enc.key_hash, job.epoch, enc.width, enc.height)
     finally:
         source.close()
 

@@ -4,10 +4,11 @@ The reader fetches the rank's pending inputs in input order (whole shards or
 sub-ranges, ``read_ahead`` read units ahead: in background threads, or, for
 local shards mapped by the reader process, by the kernel's read-ahead) and hands
 them out in the shuffled output order; by construction of the shuffle-buffer
-plan it never holds more than about ``shuffle_buffer`` samples. Every image's
-bytes are checked (:mod:`pipeline.sanity`); a corrupt sample is replaced by the
-first valid sample of its batch, so shapes and step counts never change, and
-its key is reported.
+plan it never holds more than about ``shuffle_buffer`` samples. Each read unit is
+held as columns (:mod:`pipeline.columns`) and each batch gathered from them with
+array indexing. Every image's bytes are checked (:mod:`pipeline.sanity`); a
+corrupt sample is replaced by the first valid sample of its batch, so shapes and
+step counts never change, and its key is reported.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline import columns
+from pipeline.columns import Columns
 from pipeline.sanity import inspect_image
 from shard_tools.format import RawSample
 
@@ -41,9 +44,6 @@ class Sample:
     extra: dict[str, bytes] | None = None
     width: int = 0  # from the image's header (a random resized crop needs it)
     height: int = 0
-    # Where the image lies in its shard file (reading with origins): shard, byte offset.
-    shard: int = -1
-    at: int = -1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,9 +52,10 @@ class EncodedBatch:
 
     step: int
     keys: list[str]
-    images: list[bytes]
+    images: list[bytes] | None  # None: read them at ``origin``
     labels: np.ndarray  # int64 [B]
     skipped: tuple[str, ...]
+    key_hash: np.ndarray | None = None  # uint64 [B]: augment.key_hashes of the keys
     extra: list[dict[str, bytes] | None] | None = None  # per sample (extra_members)
     width: np.ndarray | None = None  # int32 [B], from each image's header
     height: np.ndarray | None = None
@@ -69,13 +70,19 @@ class EncodedBatch:
     def replaced(self, bad: list[int], good: int, reason: str) -> EncodedBatch:
         """This batch with rows BAD standing in for by row GOOD (images that failed to
         decode), their keys reported as skipped."""
-        keys, images, labels = list(self.keys), list(self.images), self.labels.copy()
+        keys, labels = list(self.keys), self.labels.copy()
+        key_hash = self.key_hash.copy() if self.key_hash is not None else None
+        images = list(self.images) if self.images is not None else None
         extra = list(self.extra) if self.extra is not None else None
         width = self.width.copy() if self.width is not None else None
         height = self.height.copy() if self.height is not None else None
         for i in bad:
             log.warning("skipping undecodable sample %s: %s", self.keys[i], reason)
-            keys[i], images[i], labels[i] = keys[good], images[good], labels[good]
+            keys[i], labels[i] = keys[good], labels[good]
+            if key_hash is not None:
+                key_hash[i] = key_hash[good]
+            if images is not None:
+                images[i] = images[good]
             if extra is not None:
                 extra[i] = extra[good]
             if width is not None:
@@ -91,14 +98,14 @@ class EncodedBatch:
             origin[bad] = origin[good]
         skipped = self.skipped + tuple(self.keys[i] for i in bad)
         return EncodedBatch(step=self.step, keys=keys, images=images, labels=labels,
-                            skipped=skipped, extra=extra, width=width, height=height,
+                            skipped=skipped, key_hash=key_hash, extra=extra, width=width, height=height,
                             packed=packed, origin=origin)  # fmt: skip
 
 
-def to_sample(raw: RawSample, labelled: bool = True, checked=None) -> Sample:
+def to_sample(raw: RawSample, labelled: bool = True) -> Sample:
     """Parse the label and check the image bytes; record what is wrong, if anything.
-    An unlabelled dataset's samples get label -1 and need no .cls. CHECKED: the image's
-    verdict if it was checked already (Dataset.read_inspected)."""
+    An unlabelled dataset's samples get label -1 and need no .cls. (A read unit's samples
+    get the same verdicts as arrays: pipeline.columns.from_range.)"""
     problem = None
     label = -1
     if isinstance(raw.label, int):  # given by an adopted dataset's .labels
@@ -106,41 +113,43 @@ def to_sample(raw: RawSample, labelled: bool = True, checked=None) -> Sample:
     elif not labelled:
         pass
     elif raw.label is None:
-        problem = "sample has no .cls label"
+        problem = columns.NO_LABEL
     else:
         try:
             label = int(raw.label)
         except ValueError:
-            problem = "label (.cls) is not an integer"
+            problem = columns.BAD_LABEL
+        if label not in columns.INT64:
+            label, problem = -1, columns.BIG_LABEL
     if raw.image is None:
-        return Sample(raw.key, b"", label, "sample has no jpg/png/webp image", raw.extra)
-    bad, (width, height) = checked if checked is not None else inspect_image(raw.image)
+        return Sample(raw.key, b"", label, columns.NO_IMAGE, raw.extra)
+    bad, (width, height) = inspect_image(raw.image)
     return Sample(raw.key, raw.image, label, problem or bad, raw.extra, width, height)
 
 
-def _units(shard: np.ndarray, positions: np.ndarray, max_samples):
+def _units(shard: np.ndarray, max_samples) -> list[tuple[int, int, int]]:
     """Split the input run into read units: consecutive inputs of one shard, bounded in size
-    (MAX_SAMPLES(shard): samples per read)."""
+    (MAX_SAMPLES(shard): samples per read). (shard, lo, hi): inputs lo..hi of the run."""
+    out: list[tuple[int, int, int]] = []
     if len(shard) == 0:
-        return
+        return out
     brk = np.flatnonzero(np.diff(shard) != 0) + 1
-    for a, b in zip(np.concatenate([[0], brk]), np.concatenate([brk, [len(shard)]]), strict=True):
+    for a, b in zip([0, *brk.tolist()], [*brk.tolist(), len(shard)], strict=True):
         step = max_samples(int(shard[a]))
-        for lo in range(int(a), int(b), step):
-            yield int(shard[a]), positions[lo : min(lo + step, int(b))]
+        out.extend((int(shard[a]), lo, min(lo + step, b)) for lo in range(a, b, step))
+    return out
 
 
 class InputReader:
-    """Reads input positions POSITIONS (sorted) of a RankOrder; yields (position, Sample)."""
+    """Reads input positions POSITIONS (sorted) of a RankOrder, unit by unit (``units``):
+    yields one pipeline.columns.Columns per unit, its rows in input order."""
 
-    def __init__(self, dataset, ranks_order, positions: np.ndarray, read_ahead: int,
-                 views: bool = False, origins: bool = False) -> None:  # fmt: skip
+    def __init__(self, dataset, ranks_order, positions: np.ndarray, read_ahead: int) -> None:
         self.dataset = dataset
         self.ro = ranks_order
         self.positions = positions
         self.read_ahead = read_ahead
-        self.views = views  # images as memoryviews of their read's buffer
-        self.origins = origins  # note where each image lies in its file, where it can be
+        self.units = _units(ranks_order.shard[positions], self.max_samples)
         self._pool: ThreadPoolExecutor | None = None
 
     def max_samples(self, shard: int) -> int:
@@ -149,25 +158,24 @@ class InputReader:
         avg = max(1, int(shards.bytes[shard]) // max(1, int(shards.samples[shard])))
         return max(1, self.dataset.max_read_bytes // avg)
 
-    def _read_unit(self, shard: int, pos: np.ndarray) -> list[tuple[int, Sample]]:
-        idx = self.ro.index[pos]
-        order = np.argsort(idx, kind="stable")  # reads want ascending offsets
-        raws, checks = self.dataset.read_inspected(shard, idx[order], views=self.views)
-        out: list[tuple[int, Sample] | None] = [None] * len(pos)
-        labelled = self.dataset.labelled
-        for o, raw, checked in zip(order.tolist(), raws, checks, strict=True):
-            out[o] = (int(pos[o]), to_sample(raw, labelled, checked))
-        at = self.dataset.image_offsets(shard, idx) if self.origins else None
-        if at is not None:
-            for (_, sample), a in zip(out, at.tolist(), strict=True):  # type: ignore[misc]
-                sample.shard, sample.at = shard, a
-        return out  # type: ignore[return-value]
+    def _indices(self, lo: int, hi: int) -> np.ndarray:
+        return self.ro.index[self.positions[lo:hi]]
 
-    def __iter__(self) -> Iterator[tuple[int, Sample]]:
-        units = _units(self.ro.shard[self.positions], self.positions, self.max_samples)
+    def _read_unit(self, shard: int, lo: int, hi: int) -> Columns:
+        idx = self._indices(lo, hi)
+        order = np.argsort(idx, kind="stable")  # reads want ascending offsets
+        cols = self.dataset.read_columns(shard, idx[order])
+        if (order[1:] < order[:-1]).any():  # back to input order
+            back = np.empty_like(order)
+            back[order] = np.arange(len(order))
+            cols = columns.take(cols, back)
+        return cols
+
+    def __iter__(self) -> Iterator[Columns]:
+        units = self.units
         if self.read_ahead == 0:
-            for shard, pos in units:
-                yield from self._read_unit(shard, pos)
+            for unit in units:
+                yield self._read_unit(*unit)
             return
         if self.dataset.mapped:
             yield from self._mapped(units)
@@ -178,34 +186,29 @@ class InputReader:
             for unit in units:
                 pending.append(self._pool.submit(self._read_unit, *unit))
                 if len(pending) > self.read_ahead:
-                    yield from pending.popleft().result()
+                    yield pending.popleft().result()
             while pending:
-                yield from pending.popleft().result()
+                yield pending.popleft().result()
         finally:
             for f in pending:
                 f.cancel()
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _mapped(self, units) -> Iterator[tuple[int, Sample]]:
+    def _mapped(self, units) -> Iterator[Columns]:
         """Local shards the dataset maps (Dataset.mapped) are read here, in order: the
         kernel reads the next read_ahead units meanwhile (Dataset.will_need). A mapping
         makes no system call that would let another thread run, so read-ahead threads
         would only hand the GIL back and forth: a quarter of the reader process's speed
         from the page cache. Reads that copy (read system calls, object storage) keep
         their threads, which run while a read waits."""
-        ahead: deque[tuple[int, np.ndarray]] = deque()
-        units = iter(units)
-        while True:
-            while len(ahead) <= self.read_ahead:
-                unit = next(units, None)
-                if unit is None:
-                    break
-                shard, pos = unit
-                self.dataset.will_need(shard, self.ro.index[pos])
-                ahead.append(unit)
-            if not ahead:
-                return
-            yield from self._read_unit(*ahead.popleft())
+        for i, unit in enumerate(units):
+            if i == 0:
+                for first in units[: self.read_ahead + 1]:
+                    self.dataset.will_need(first[0], self._indices(*first[1:]))
+            elif i + self.read_ahead < len(units):
+                ahead = units[i + self.read_ahead]
+                self.dataset.will_need(ahead[0], self._indices(*ahead[1:]))
+            yield self._read_unit(*unit)
 
 
 def encoded_batches(job, views: bool = False, origins: bool = False) -> Iterator[EncodedBatch]:
@@ -213,34 +216,39 @@ def encoded_batches(job, views: bool = False, origins: bool = False) -> Iterator
 
     VIEWS: images are memoryviews of the buffers they were read into, not copies, for
     a consumer that copies them once anyway (into shared memory, or into DALI). A
-    buffer lives while any view of it does: samples that wait long in the shuffle
-    buffer are copied out (see _Held), so a few stragglers never keep whole reads in
-    memory.
+    buffer lives while any view of it does: read units whose last samples wait long in
+    the shuffle buffer get those samples' bytes copied out (see _Held), so a few
+    stragglers never keep whole reads in memory.
 
-    ORIGINS: each batch also says where its images lie in the shard files
-    (EncodedBatch.origin), where the dataset maps them (Dataset.image_offsets), for a
-    consumer that reads them there. Nothing is copied out then: a view of a mapped
-    shard pins no memory of this process, only a range of the page cache.
+    ORIGINS: a batch whose images all lie in mapped shard files says where
+    (EncodedBatch.origin) and carries no images (None), for a consumer that reads them
+    there. Nothing is copied out then: a view of a mapped shard pins no memory of this
+    process, only a range of the page cache.
     """
     plan = job.plan
     ro = plan.ranks_order
     b = plan.batch_size
     pending = ro.pending(job.start * b)
-    reader = iter(InputReader(job.dataset, ro, pending, job.cfg.read_ahead, views=views,
-                              origins=origins))  # fmt: skip
+    reader = InputReader(job.dataset, ro, pending, job.cfg.read_ahead)
     window = _VIEW_WINDOW_BUFFERS * max(b, job.cfg.shuffle_buffer)
-    held = _Held(window if views and not origins else None)
+    held = _Held(reader, window if views else None, origins)
     names = job.dataset.shard_names
-    last_valid: Sample | None = None
+    last_valid: tuple[Columns, int] | None = None
     try:
         for step in range(job.start, plan.steps):
-            samples = [(inp, held.take(inp, reader))
-                       for inp in ro.order[step * b : (step + 1) * b].tolist()]  # fmt: skip
-            held.compact()
-            batch, last_valid = _make_batch(step, samples, last_valid, ro, names, origins)
+            k = np.searchsorted(pending, ro.order[step * b : (step + 1) * b])
+            unit, row = held.locate(k)
+            got = _Gathered(held, unit, row, views, origins)
+            where = lambda i, k=k: _where(ro, names, pending[k[i]])  # noqa: E731
+            batch, last_valid = got.batch(step, last_valid, where)
+            held.taken(unit, row)
             yield batch
     finally:
-        reader.close()
+        held.close()
+
+
+def _where(ro, names, inp) -> str:
+    return f"{names[int(ro.shard[inp])]}#{int(ro.index[inp])}"
 
 
 # A sample's wait in a shuffle buffer of B slots is geometric with mean B outputs, so a
@@ -251,79 +259,180 @@ _VIEW_WINDOW_BUFFERS = 2
 
 
 class _Held:
-    """Samples read and not yet output, by input position. With a WINDOW, those whose
-    images are views of a read's buffer and lie more than WINDOW inputs behind the
-    latest read get images of their own (compact)."""
+    """The read units with samples not yet output, read from READER as batches need them.
+    With a WINDOW, a unit more than WINDOW inputs behind the latest one read keeps only
+    its samples still to come, in a buffer of their own; with ORIGINS, not a unit of a
+    mapped shard, whose samples go by origin (its mapping pins only page cache)."""
 
-    def __init__(self, window: int | None) -> None:
+    def __init__(self, reader: InputReader, window: int | None, origins: bool = False) -> None:
         self.window = window
-        self.young: dict[int, Sample] = {}  # in input order (positions are read ascending)
-        self.old: dict[int, Sample] = {}  # images of their own
-        self.latest = -1
+        self.origins = origins
+        self.units = reader.units
+        self.starts = np.array([lo for _, lo, _ in reader.units], dtype=np.int64)
+        self._source = iter(reader)
+        self.read = 0  # units read so far
+        self.cols: dict[int, Columns] = {}
+        self.left: dict[int, np.ndarray] = {}  # unit -> rows not yet output (bool)
+        self.owned: set[int] = set()  # units whose rows have bytes of their own
 
-    def take(self, pos: int, reader: Iterator[tuple[int, Sample]]) -> Sample:
-        """The sample of input POS, reading on from READER until it has come."""
-        found = self.young.pop(pos, None)
-        if found is None:
-            found = self.old.pop(pos, None)
-        while found is None:
-            got, sample = next(reader)
-            self.latest = got
-            if got == pos:
-                return sample
-            self.young[got] = sample
-        return found
+    def locate(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(unit, row) of each pending input K, reading on until all of them are in."""
+        unit = np.searchsorted(self.starts, k, side="right") - 1
+        need = int(unit.max()) if len(unit) else -1
+        while self.read <= need:
+            cols = next(self._source)
+            self.cols[self.read] = cols
+            self.left[self.read] = np.ones(len(cols), dtype=bool)
+            self.read += 1
+        return unit, k - self.starts[unit]
 
-    def compact(self) -> None:
-        if self.window is None:
+    def taken(self, unit: np.ndarray, row: np.ndarray) -> None:
+        """Rows ROW of UNIT were output: units with none left are dropped."""
+        for u in np.unique(unit).tolist():
+            left = self.left[u]
+            left[row[unit == u]] = False
+            if not left.any():
+                del self.cols[u], self.left[u]
+                self.owned.discard(u)
+        if self.window is None or not self.cols:
             return
-        limit = self.latest - self.window
-        stale = []
-        for pos in self.young:  # oldest first; stops at the first recent one
-            if pos >= limit:
-                break
-            stale.append(pos)
-        for pos in stale:
-            s = self.young.pop(pos)
-            if isinstance(s.image, memoryview):
-                s.image = bytes(s.image)
-            self.old[pos] = s
+        limit = self.units[self.read - 1][1] - self.window
+        for u, cols in self.cols.items():
+            if u not in self.owned and self.units[u][2] <= limit:
+                if not (self.origins and cols.origin is not None):
+                    cols.keep_only(np.flatnonzero(self.left[u]))
+                self.owned.add(u)
+
+    def close(self) -> None:
+        self._source.close()  # type: ignore[attr-defined]
+        self.cols.clear()
 
 
-def _make_batch(step, samples, last_valid, ro, names, origins: bool = False
-                ) -> tuple[EncodedBatch, Sample | None]:  # fmt: skip
-    valid = [s for _, s in samples if s.problem is None]
-    stand_in = valid[0] if valid else last_valid
-    skipped = []
-    out = []
-    for inp, s in samples:
-        if s.problem is None:
-            out.append(s)
-            continue
-        where = f"{names[int(ro.shard[inp])]}#{int(ro.index[inp])}"
-        log.warning("skipping corrupt sample %s (%s): %s", s.key, where, s.problem)
-        skipped.append(s.key)
-        if stand_in is None:
-            raise CorruptDataError(
-                f"sample {s.key} ({where}) is corrupt ({s.problem}) and no valid sample has been "
-                "read yet to stand in for it"
-            )
-        out.append(stand_in)
-    origin = None
-    if origins and all(s.at >= 0 for s in out):
-        origin = np.array([(s.shard, s.at, len(s.image)) for s in out], dtype=np.int64)
-    batch = EncodedBatch(
-        step=step,
-        keys=[s.key for s in out],
-        images=[s.image for s in out],
-        labels=np.array([s.label for s in out], dtype=np.int64),
-        skipped=tuple(skipped),
-        extra=[s.extra for s in out],
-        width=np.array([s.width for s in out], dtype=np.int32),
-        height=np.array([s.height for s in out], dtype=np.int32),
-        origin=origin,
-    )
-    return batch, (valid[-1] if valid else last_valid)
+class _Gathered:
+    """A batch's rows, gathered from the read units holding them."""
+
+    def __init__(self, held: _Held, unit: np.ndarray, row: np.ndarray, views: bool,
+                 origins: bool) -> None:  # fmt: skip
+        self.views = views
+        n = len(unit)
+        parts = np.unique(unit).tolist()
+        cols = [held.cols[u] for u in parts]
+        self.origin = None
+        self.images: list | None = None
+        self.stand_ins: dict[int, tuple[Columns, int]] = {}
+        if len(cols) == 1:  # the rule when read units are large against the shuffle buffer
+            sel = [np.arange(n)]
+            rows = [row]
+        else:
+            sel = [np.flatnonzero(unit == u) for u in parts]
+            rows = [row[s] for s in sel]
+        self.sel, self.rows, self.parts = sel, rows, cols
+
+        def gather(name, dtype):
+            first = getattr(cols[0], name)
+            if len(cols) == 1:
+                return first[row]
+            out = np.empty(n, dtype=dtype)
+            for c, s, r in zip(cols, sel, rows, strict=True):
+                out[s] = getattr(c, name)[r]
+            return out
+
+        self.keys = gather("keys", object)
+        self.label = gather("label", np.int64)
+        self.key_hash = gather("key_hash", np.uint64)
+        self.width = gather("width", np.int32)
+        self.height = gather("height", np.int32)
+        self.extra = None
+        if cols[0].extra is not None:
+            extra: list = [None] * n
+            for c, s, r in zip(cols, sel, rows, strict=True):
+                for i, j in zip(s.tolist(), r.tolist(), strict=True):
+                    extra[i] = c.extra[j]  # type: ignore[index]
+            self.extra = extra
+        if origins and all(c.origin is not None for c in cols):
+            origin = np.empty((n, 3), dtype=np.int64)
+            for c, s, r in zip(cols, sel, rows, strict=True):
+                origin[s, 0] = c.shard
+                origin[s, 1] = c.origin[r]  # type: ignore[index]
+                origin[s, 2] = c.size[r]
+            self.origin = origin
+        else:
+            self.images = cols[0].images(row, views) if len(cols) == 1 else self._images()
+        bad = []
+        for c, s, r in zip(cols, sel, rows, strict=True):
+            if c.problems:
+                bad.extend(
+                    i for i, j in zip(s.tolist(), r.tolist(), strict=True) if j in c.problems
+                )
+        self.bad = sorted(bad)
+
+    def _problem(self, i: int) -> str:
+        for c, s, r in zip(self.parts, self.sel, self.rows, strict=True):
+            hit = np.flatnonzero(s == i)
+            if len(hit):
+                return c.problems[int(r[hit[0]])]
+        raise AssertionError("unreachable")
+
+    def _source(self, i: int) -> tuple[Columns, int]:
+        for c, s, r in zip(self.parts, self.sel, self.rows, strict=True):
+            hit = np.flatnonzero(s == i)
+            if len(hit):
+                return c, int(r[hit[0]])
+        raise AssertionError("unreachable")
+
+    def batch(
+        self, step: int, last_valid, where
+    ) -> tuple[EncodedBatch, tuple[Columns, int] | None]:
+        keys = self.keys.tolist()
+        skipped = []
+        n = len(keys)
+        if self.bad:
+            bad = set(self.bad)
+            good = next((i for i in range(n) if i not in bad), None)
+            stand_in = self._source(good) if good is not None else last_valid
+            for i in self.bad:
+                why = self._problem(i)
+                log.warning("skipping corrupt sample %s (%s): %s", keys[i], where(i), why)
+                skipped.append(keys[i])
+                if stand_in is None:
+                    raise CorruptDataError(
+                        f"sample {keys[i]} ({where(i)}) is corrupt ({why}) and no valid sample "
+                        "has been read yet to stand in for it"
+                    )
+                self._replace(i, *stand_in, keys)
+            last = next((i for i in reversed(range(n)) if i not in bad), None)
+            last_valid = self._source(last) if last is not None else last_valid
+        elif n:
+            last_valid = self._source(n - 1)
+        batch = EncodedBatch(step=step, keys=keys, images=self.images, labels=self.label,
+                             skipped=tuple(skipped), key_hash=self.key_hash, extra=self.extra, width=self.width,
+                             height=self.height, origin=self.origin)  # fmt: skip
+        return batch, last_valid
+
+    def _replace(self, i: int, c: Columns, r: int, keys: list) -> None:
+        keys[i] = c.keys[r]
+        self.label[i], self.width[i], self.height[i] = c.label[r], c.width[r], c.height[r]
+        self.key_hash[i] = c.key_hash[r]
+        if self.extra is not None:
+            self.extra[i] = c.extra[r] if c.extra is not None else None
+        self.stand_ins[i] = (c, r)
+        if self.images is not None:
+            self.images[i] = c.images(np.array([r]), self.views)[0]
+        elif c.origin is not None:
+            self.origin[i] = (c.shard, c.origin[r], c.size[r])  # type: ignore[index]
+        else:  # a stand-in from a shard that is not mapped: this batch goes as images
+            self.origin = None
+            self.images = self._images()
+
+    def _images(self) -> list:
+        """Every row's image, stand-ins included."""
+        images: list = [None] * len(self.keys)
+        for c, s, r in zip(self.parts, self.sel, self.rows, strict=True):
+            for i, im in zip(s.tolist(), c.images(r, self.views), strict=True):
+                images[i] = im
+        for i, (c, r) in self.stand_ins.items():
+            images[i] = c.images(np.array([r]), self.views)[0]
+        return images
 
 
 def extra_text(per_sample: list[dict[str, bytes] | None] | None, exts: tuple[str, ...]

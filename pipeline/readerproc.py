@@ -145,7 +145,7 @@ class _Child:
                 while not self.free:
                     if not self._handle(self.conn.recv(), seq):
                         return
-                params = augment.draw(self.cfg, enc.keys, epoch, enc.width, enc.height)
+                params = augment.draw(self.cfg, enc.key_hash, epoch, enc.width, enc.height)
                 # A slot even for a batch handed over by its origin: the slots are what
                 # keeps this process no more than `slots` batches ahead.
                 slot = min(self.free)

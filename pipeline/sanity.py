@@ -145,7 +145,7 @@ def check_image(data: bytes | bytearray | memoryview) -> str | None:
 
 # -- many images at once ---------------------------------------------------------------
 # The checks above walk a JPEG's markers in Python: ~10 us an image, as much as the rest
-# of reading it. inspect_images walks the markers of every JPEG of a read at once (numpy,
+# of reading it. inspect_many walks the markers of every JPEG of a read at once (numpy,
 # one step of every walk per iteration), so a read of 5,000 images costs a few dozen
 # array operations per marker instead of 5,000 Python loops. Only its "valid" verdict is
 # trusted: whatever it does not accept is checked again, one by one, by inspect_image,
@@ -250,25 +250,39 @@ def _jpeg_walks(data: np.ndarray, start: np.ndarray, n: np.ndarray):
     return valid, width, height
 
 
-def inspect_images(buf, starts: np.ndarray, sizes: np.ndarray) -> list[tuple[str | None, Dims]]:
-    """inspect_image of each image BUF[STARTS[i] : STARTS[i] + SIZES[i]], most of them
-    checked at once (see the note above)."""
-    data = np.frombuffer(buf, dtype=np.uint8)
+def inspect_many(buf, starts: np.ndarray, sizes: np.ndarray, bulk: bool | None = None
+                 ) -> tuple[dict[int, str], np.ndarray, np.ndarray]:  # fmt: skip
+    """inspect_image of each image BUF[STARTS[i] : STARTS[i] + SIZES[i]]: (the reason of
+    each one that fails, by its position; width and height of each, int32, 0 where it
+    fails). The JPEGs are walked at once (see the note above) if BULK, by default from
+    BULK_FROM images on."""
     starts = np.asarray(starts, dtype=np.int64)
     sizes = np.asarray(sizes, dtype=np.int64)
-    out: list[tuple[str | None, Dims] | None] = [None] * len(starts)
-    jpeg = (sizes >= 4) & (starts + sizes <= len(data))
-    if jpeg.any():
+    m = len(starts)
+    if bulk is None:
+        bulk = m >= BULK_FROM
+    width = np.zeros(m, dtype=np.int32)
+    height = np.zeros(m, dtype=np.int32)
+    problems: dict[int, str] = {}
+    undecided = np.ones(m, dtype=bool)
+    if bulk and m:
+        data = np.frombuffer(buf, dtype=np.uint8)
+        jpeg = (sizes >= 4) & (starts + sizes <= len(data))
         s = np.where(jpeg, starts, 0)
         jpeg &= (data[s] == 0xFF) & (data[s + 1] == 0xD8) & (data[s + 2] == 0xFF)
-    j = np.flatnonzero(jpeg)
-    if len(j):
-        valid, width, height = _jpeg_walks(data, starts[j], sizes[j])
-        for i, w, h in zip(j[valid].tolist(), width[valid].tolist(), height[valid].tolist(),
-                           strict=True):  # fmt: skip
-            out[i] = (None, (w, h))
-    for i, item in enumerate(out):
-        if item is None:
+        j = np.flatnonzero(jpeg)
+        if len(j):
+            valid, w, h = _jpeg_walks(data, starts[j], sizes[j])
+            ok = j[valid]
+            width[ok], height[ok] = w[valid], h[valid]
+            undecided[ok] = False
+    if undecided.any():
+        view = memoryview(buf).cast("B")
+        for i in np.flatnonzero(undecided).tolist():
             a = int(starts[i])
-            out[i] = inspect_image(buf[a : a + int(sizes[i])])
-    return out  # type: ignore[return-value]
+            why, (w, h) = inspect_image(view[a : a + int(sizes[i])])
+            if why is None:
+                width[i], height[i] = w, h
+            else:
+                problems[i] = why
+    return problems, width, height

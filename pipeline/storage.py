@@ -27,7 +27,8 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.sanity import BULK_FROM, inspect_images
+from pipeline import columns
+from pipeline.columns import Columns
 from shard_tools.format import (
     Manifest,
     RawSample,
@@ -46,19 +47,6 @@ from shard_tools.format import (
 log = logging.getLogger("pipeline")
 
 MERGE_GAP_BYTES = 1 << 20  # read through gaps up to this size rather than issue another request
-
-
-def _inspect(buf: bytes, buf_start: int, index: ShardIndex, ids: np.ndarray) -> list:
-    """The sanity verdicts of samples IDS, whose bytes BUF holds from offset BUF_START."""
-    img = index.image[ids]
-    present = np.flatnonzero(img[:, 0] >= 0)
-    out: list = [None] * len(ids)
-    if len(present) < BULK_FROM:  # checked one by one, on the copies the reader makes
-        return out
-    found = inspect_images(buf, img[present, 0] - buf_start, img[present, 1])
-    for i, verdict in zip(present.tolist(), found, strict=True):
-        out[i] = verdict
-    return out
 
 
 def _map_range(path: str, start: int, stop: int) -> tuple[mmap.mmap, int]:
@@ -146,6 +134,9 @@ class Dataset:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _retried: int = field(default=0, repr=False)
     _unmappable: set[str] = field(default_factory=set, repr=False)  # read, not mapped
+    # What the shards' samples were found to be (columns.ShardFacts), by shard: 33 bytes a
+    # sample read, against the few hundred its .idx entry (_indexes) holds.
+    _facts: dict[int, columns.ShardFacts] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, cfg) -> Dataset:
@@ -199,16 +190,6 @@ class Dataset:
 
     def _shard_file(self, name: str) -> str:
         return f"{self.shard_base}/{name}"
-
-    def image_offsets(self, shard: int, indices: np.ndarray) -> np.ndarray | None:
-        """Where the images of samples INDICES of SHARD start in its file (-1: no image),
-        for a reader that hands images over as spans of the file (the reader process):
-        None unless ranged reads map the shard (``mapped``, the shard has an .idx, and
-        mapping it has not failed)."""
-        if not self.mapped or self.shard_names[shard] in self._unmappable:
-            return None
-        idx = self.index(shard)
-        return None if idx is None else idx.image[indices, 0]
 
     def will_need(self, shard: int, indices: np.ndarray) -> None:
         """Have the kernel start reading samples INDICES of mapped SHARD into the page
@@ -349,42 +330,67 @@ class Dataset:
 
     def read_samples(self, shard: int, indices: np.ndarray) -> list[RawSample]:
         """Samples INDICES (sorted) of SHARD, in that order, in as few reads as possible."""
-        return self._read_samples(shard, indices, inspect=False)[0]
-
-    def read_inspected(self, shard: int, indices: np.ndarray, views: bool = False
-                       ) -> tuple[list[RawSample], list]:  # fmt: skip
-        """read_samples, and each image's pipeline.sanity verdict, made over each read's
-        buffer at once: (problem, (width, height)), or None where the caller must check
-        (a shard read whole, a sample without an image). VIEWS: images read by range are
-        memoryviews of the read's buffer, not copies of their own."""
-        return self._read_samples(shard, indices, inspect=True, views=views)
-
-    def _read_samples(self, shard: int, indices: np.ndarray, inspect: bool, views: bool = False):
         info = self.manifest.shards[shard]
         idx = self.index(shard)
         adopted = self.sample_labels(shard)
-        checks: list = []
         if idx is None:
-            listed = adopted[1] if adopted is not None else None
-            everything = self._retry(f"shard {info.name}", lambda: self._whole(info, listed))
-            out = [everything[i] for i in indices.tolist()]
-            checks = [None] * len(out)
-        else:
-            out = []
-            for start, stop, ids in idx.ranges(indices, MERGE_GAP_BYTES, self.max_read_bytes):
+            return self._whole_samples(shard, indices)
+        out = []
+        for start, stop, ids in idx.ranges(indices, MERGE_GAP_BYTES, self.max_read_bytes):
 
-                def part(start=start, stop=stop, ids=ids):
-                    buf, at = self._read_range(info.name, start, stop)
-                    samples = slice_samples(buf, at, idx, ids, self.extra, image_views=views)
-                    return samples, (_inspect(buf, at, idx, ids) if inspect else [])
+            def part(start=start, stop=stop, ids=ids):
+                buf, at = self._read_range(info.name, start, stop)
+                return slice_samples(buf, at, idx, ids, self.extra)
 
-                samples, found = self._retry(f"shard {info.name} (bytes {start}..{stop})", part)
-                out.extend(samples)
-                checks.extend(found)
+            out.extend(self._retry(f"shard {info.name} (bytes {start}..{stop})", part))
         if adopted is not None:  # labels as adopt resolved them, not the tar's own
             labels = adopted[0][indices].tolist()
             out = [dataclasses.replace(s, label=lab) for s, lab in zip(out, labels, strict=True)]
-        return out, checks
+        return out
+
+    def _whole_samples(self, shard: int, indices: np.ndarray) -> list[RawSample]:
+        info = self.manifest.shards[shard]
+        adopted = self.sample_labels(shard)
+        listed = adopted[1] if adopted is not None else None
+        everything = self._retry(f"shard {info.name}", lambda: self._whole(info, listed))
+        out = [everything[i] for i in indices.tolist()]
+        if adopted is not None:
+            labels = adopted[0][indices].tolist()
+            out = [dataclasses.replace(s, label=lab) for s, lab in zip(out, labels, strict=True)]
+        return out
+
+    def read_columns(self, shard: int, indices: np.ndarray) -> Columns:
+        """Samples INDICES (sorted) of SHARD as pipeline.columns.Columns, every image
+        checked (pipeline.sanity) over each read's buffer at once; images lie in the read
+        buffers (a local shard's are mappings of its file, where ``mapped``), and where the
+        shard is mapped each image's offset in its file is kept (Columns.origin)."""
+        from pipeline.reader import to_sample
+
+        info = self.manifest.shards[shard]
+        idx = self.index(shard)
+        if idx is None:  # read whole: few samples per shard are the rule here, not speed
+            samples = [to_sample(r, self.labelled) for r in self._whole_samples(shard, indices)]
+            return columns.from_samples(samples, shard)
+        adopted = self.sample_labels(shard)
+        with self._lock:
+            facts = self._facts.get(shard)
+            if facts is None:
+                facts = self._facts[shard] = columns.ShardFacts(len(idx))
+        parts = []
+        for start, stop, ids in idx.ranges(indices, MERGE_GAP_BYTES, self.max_read_bytes):
+
+            def part(start=start, stop=stop, ids=ids):
+                buf, at = self._read_range(info.name, start, stop)
+                labels = adopted[0][ids] if adopted is not None else None
+                return columns.from_range(buf, at, idx, ids, shard=shard, facts=facts,
+                                          labels=labels, labelled=self.labelled,
+                                          extra=self.extra)  # fmt: skip
+
+            parts.append(self._retry(f"shard {info.name} (bytes {start}..{stop})", part))
+        out = columns.concat(parts)
+        if self.mapped and info.name not in self._unmappable:
+            out.origin = idx.image[indices, 0]
+        return out
 
     def read_bytes(self, shard: int) -> bytes:
         """The whole shard file (benchmarks measure raw read speed with it)."""

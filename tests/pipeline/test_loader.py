@@ -327,9 +327,9 @@ def test_the_first_batch_waits_for_a_few_shards_not_a_whole_buffer(tmp_path):
                            read_ahead=0)  # fmt: skip
         loader = build_loader(cfg, World())
         shards = read[name] = []
-        real = loader.dataset.read_inspected
-        loader.dataset.read_inspected = lambda s, i, real=real, shards=shards, **kw: (
-            shards.append(s) or real(s, i, **kw)
+        real = loader.dataset.read_columns
+        loader.dataset.read_columns = lambda s, i, real=real, shards=shards: (
+            shards.append(s) or real(s, i)
         )
         first = next(iter(loader))
         assert len(first) == 4

@@ -103,11 +103,19 @@ def test_mapped_reads_equal_copied_reads(small_ds):
     mapped.map_local = True
     for shard, info in enumerate(copied.manifest.shards):
         sub = np.arange(0, info.samples, 2)
-        want, want_checks = copied.read_inspected(shard, sub)
-        got, got_checks = mapped.read_inspected(shard, sub, views=True)
-        assert [bytes(s.image) for s in got] == [s.image for s in want]
-        assert [(s.key, s.label, s.extra) for s in got] == [(s.key, s.label, s.extra) for s in want]
-        assert got_checks == want_checks
+        want, got = copied.read_columns(shard, sub), mapped.read_columns(shard, sub)
+        rows = np.arange(len(sub))
+        assert [bytes(i) for i in got.images(rows, views=True)] == want.images(rows, views=False)
+        for name in ("keys", "label", "width", "height"):
+            assert getattr(got, name).tolist() == getattr(want, name).tolist()
+        assert (got.problems, got.extra) == (want.problems, want.extra)
+        assert want.origin is None and got.origin is not None
+        with open(mapped.shard_path(shard), "rb") as f:  # where each image lies in the file
+            data = f.read()
+        spans = zip(got.origin.tolist(), got.size.tolist(), strict=True)
+        assert [data[a : a + n] for a, n in spans] == [
+            bytes(i) for i in got.images(rows, views=True)
+        ]
 
 
 @pytest.mark.parametrize("mapped", [False, True], ids=["copied", "mapped"])
@@ -253,11 +261,14 @@ def test_a_script_without_a_main_guard_is_told_the_fix(small_ds, tmp_path, guard
     assert "BrokenProcessPool" not in proc.stderr
 
 
-@pytest.mark.parametrize("mapped", [False, True], ids=["copied", "mapped"])
-def test_image_views_equal_copies_and_long_held_samples_get_their_own_bytes(small_ds, mapped):
+@pytest.mark.parametrize("mapped, origins", [(False, False), (True, False), (False, True)],
+                         ids=["copied", "mapped", "copied-origins"])  # fmt: skip
+def test_image_views_equal_copies_and_long_held_samples_get_their_own_bytes(small_ds, mapped,
+                                                                            origins):  # fmt: skip
     """encoded_batches(views=True) hands out views of each read's buffer: the same bytes
     as copies, batch by batch; a sample held in the shuffle buffer for long gets bytes of
-    its own, so that it alone does not keep its whole read in memory."""
+    its own, so that it alone does not keep its whole read in memory (also where origins
+    are asked for but the shards are not mapped: object storage)."""
     from pipeline import World, build_loader
     from pipeline.loader import Job
     from pipeline.reader import encoded_batches
@@ -269,12 +280,18 @@ def test_image_views_equal_copies_and_long_held_samples_get_their_own_bytes(smal
         job = Job(cfg=loader.cfg, world=loader.world, epoch=0, plan=loader.plan(), start=0,
                   dataset=loader.dataset, device=loader.device)  # fmt: skip
         copies = list(encoded_batches(job))
-        views = list(encoded_batches(job, views=True))
+        views = list(encoded_batches(job, views=True, origins=origins))
     assert [b.keys for b in views] == [b.keys for b in copies]
     assert [[bytes(i) for i in b.images] for b in views] == [b.images for b in copies]
-    kinds = [type(i) for b in views for i in b.images]
-    assert memoryview in kinds  # most are views of their read
-    assert bytes in kinds  # held for more than twice the buffer: copied out
+    # Every image is a view: of its read (tar headers and all), or, held for more than twice
+    # the shuffle buffer, of a buffer holding exactly the images still to come of its read.
+    images = [i for b in views for i in b.images]
+    assert all(isinstance(i, memoryview) for i in images)
+    held: dict[int, list] = {}
+    for i in images:
+        held.setdefault(id(i.obj), [i.obj, 0])[1] += len(i)
+    own = [obj for obj, n in held.values() if n == len(obj)]
+    assert own and len(own) < len(held)
 
 
 def test_mapped_local_shards_are_read_in_order_while_the_kernel_reads_ahead(small_ds, monkeypatch):
@@ -288,11 +305,11 @@ def test_mapped_local_shards_are_read_in_order_while_the_kernel_reads_ahead(smal
     from pipeline.storage import Dataset
 
     events = []
-    real_need, real_read = Dataset.will_need, Dataset.read_inspected
+    real_need, real_read = Dataset.will_need, Dataset.read_columns
     monkeypatch.setattr(Dataset, "will_need", lambda self, shard, idx: (
         events.append(("need", shard, np.sort(idx).tolist())), real_need(self, shard, idx))[1])  # fmt: skip
-    monkeypatch.setattr(Dataset, "read_inspected", lambda self, shard, idx, **kw: (
-        events.append(("read", shard, idx.tolist())), real_read(self, shard, idx, **kw))[1])  # fmt: skip
+    monkeypatch.setattr(Dataset, "read_columns", lambda self, shard, idx: (
+        events.append(("read", shard, idx.tolist())), real_read(self, shard, idx))[1])  # fmt: skip
     cfg = LoaderConfig(data=small_ds, batch_size=4, image_size=32, recipe="small", num_workers=0)
     with build_loader(cfg, World()) as loader:
         loader.dataset.map_local = True
@@ -305,9 +322,12 @@ def test_mapped_local_shards_are_read_in_order_while_the_kernel_reads_ahead(smal
             assert not any(t.name.startswith("shard-read")
                            for t in set(threading.enumerate()) - before)  # fmt: skip
         want = list(InputReader(loader.dataset, ro, pending, read_ahead=0))
-    assert [(p, s.key, bytes(s.image)) for p, s in got] == [
-        (p, s.key, bytes(s.image)) for p, s in want
-    ]
+
+    def rows(units):
+        return [(k, bytes(i)) for c in units
+                for k, i in zip(c.keys, c.images(np.arange(len(c)), views=True), strict=True)]  # fmt: skip
+
+    assert rows(got) == rows(want) and sum(len(c) for c in got) == len(pending)
     needs = [e[1:] for e in events if e[0] == "need"]
     reads = [e[1:] for e in events if e[0] == "read"][: len(needs)]  # the first pass's
     assert needs == reads and len(reads) > 3
@@ -342,31 +362,35 @@ def _file_bytes(ds, shard: int, at: int, n: int) -> bytes:
 
 def test_batch_origins_point_at_each_image_in_its_shard_file(small_ds, corrupt_ds, noidx_ds):
     """encoded_batches(origins=True) on mapped shards: each batch says where its images
-    lie in the shard files (corrupt samples' stand-ins included), so that a consumer
-    reading there gets the very bytes; with a row replaced, the origin follows it. Where
-    a shard is not mapped, or has no .idx (read whole), there is no origin."""
+    lie in the shard files (corrupt samples' stand-ins included) instead of carrying them,
+    so that a consumer reading there gets the very bytes the batch would have; with a row
+    replaced, the origin follows it. Where a shard is not mapped, or has no .idx (read
+    whole), there is no origin and the batch carries its images."""
     from pipeline import World, build_loader
     from pipeline.loader import Job
     from pipeline.reader import encoded_batches
 
-    def batches(root, mapped):
+    def batches(root, mapped, origins=True):
         cfg = LoaderConfig(data=root, batch_size=4, image_size=32, recipe="small",
                            num_workers=0, shuffle_buffer=8)  # fmt: skip
         with build_loader(cfg, World()) as loader:
             loader.dataset.map_local = mapped
             job = Job(cfg=loader.cfg, world=loader.world, epoch=0, plan=loader.plan(),
                       start=0, dataset=loader.dataset, device=loader.device)  # fmt: skip
-            return loader.dataset, list(encoded_batches(job, views=True, origins=True))
+            return loader.dataset, list(encoded_batches(job, views=True, origins=origins))
 
     for root in (small_ds, corrupt_ds[0]):
         ds, got = batches(root, mapped=True)
-        for enc in got:
-            assert enc.origin is not None and enc.origin.shape == (4, 3)
+        want = batches(root, mapped=False, origins=False)[1]
+        assert [enc.keys for enc in got] == [enc.keys for enc in want]
+        for enc, copied in zip(got, want, strict=True):
+            assert enc.origin is not None and enc.origin.shape == (4, 3) and enc.images is None
             assert [_file_bytes(ds, *row) for row in enc.origin.tolist()] == [
-                bytes(i) for i in enc.images
+                bytes(i) for i in copied.images
             ]
         assert any(enc.skipped for enc in got) == (root == corrupt_ds[0])
     enc = got[0].replaced([0], 2, "refused")
     assert enc.origin[0].tolist() == enc.origin[2].tolist() == got[0].origin[2].tolist()
-    assert all(enc.origin is None for enc in batches(small_ds, mapped=False)[1])
-    assert all(enc.origin is None for enc in batches(noidx_ds, mapped=True)[1])
+    for root, mapped in ((small_ds, False), (noidx_ds, True)):
+        assert all(enc.origin is None and len(enc.images) == 4
+                   for enc in batches(root, mapped)[1])  # fmt: skip

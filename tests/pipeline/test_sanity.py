@@ -1,4 +1,4 @@
-"""The bulk image check (sanity.inspect_images) agrees with the one-by-one check on
+"""The bulk image check (sanity.inspect_many) agrees with the one-by-one check on
 every image: valid JPEGs of many encoders' shapes and thousands of damaged ones."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import sanity
-from pipeline.sanity import inspect_image, inspect_images
+from pipeline.sanity import inspect_image, inspect_many
 
 
 def _photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:
@@ -71,13 +71,16 @@ def _damaged(rng: random.Random, data: bytes) -> bytes:
 
 
 def _bulk(images: list[bytes]):
-    """inspect_images over IMAGES laid out in one buffer with gaps between them, as in a
-    tar read."""
+    """inspect_many over IMAGES laid out in one buffer with gaps between them, as in a
+    tar read, as inspect_image's (problem, (width, height)) per image."""
     buf, starts = bytearray(b"\x00" * 37), []
     for data in images:
         starts.append(len(buf))
         buf += data + b"\xaa" * 19
-    return inspect_images(bytes(buf), np.array(starts), np.array([len(d) for d in images]))
+    problems, width, height = inspect_many(bytes(buf), np.array(starts),
+                                           np.array([len(d) for d in images]), bulk=True)  # fmt: skip
+    return [(problems.get(i), (w, h))
+            for i, (w, h) in enumerate(zip(width.tolist(), height.tolist(), strict=True))]  # fmt: skip
 
 
 def test_bulk_check_accepts_what_the_single_check_accepts(monkeypatch):

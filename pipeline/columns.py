@@ -169,7 +169,7 @@ def from_range(buf, buf_start: int, index, ids: np.ndarray, *, shard: int, facts
         _work_out(buf, buf_start, index, ids[new], start[new], size[new], present[new], facts,
                   None if labels is None else np.asarray(labels)[new], labelled)  # fmt: skip
     more = _extra(buf, buf_start, index, ids, extra) if extra else None
-    return Columns(shard=shard, keys=index.key_array[ids], bufs=[buf], part=None, start=start,
+    return Columns(shard=shard, keys=index.keys[ids], bufs=[buf], part=None, start=start,
                    size=size, label=facts.label[ids], key_hash=facts.key_hash[ids],
                    width=facts.width[ids], height=facts.height[ids],
                    problems=facts.problems(ids), extra=more)  # fmt: skip
@@ -194,7 +194,7 @@ def _work_out(buf, buf_start: int, index, ids, start, size, present, facts: Shar
     w[present], h[present] = width, height
     for r in np.flatnonzero(~present).tolist():
         problems[r] = NO_IMAGE  # said before any label problem: nothing to show without it
-    facts.learn(ids, label, key_hashes(index.key_array[ids].tolist()), w, h, problems)
+    facts.learn(ids, label, key_hashes(index.keys[ids].tolist()), w, h, problems)
 
 
 def from_samples(samples: list, shard: int) -> Columns:
@@ -255,14 +255,16 @@ def _parse_labels(buf, spans: np.ndarray, buf_start: int, problems: dict[int, st
 def _extra(buf, buf_start: int, index, ids: np.ndarray, extra: tuple[str, ...]) -> list:
     """The members of extensions EXTRA of each sample IDS (a dict per sample)."""
     n = len(buf)
-    out = []
-    for i in ids.tolist():
-        more = {}
-        for ext, off, size, _ in index.members[i]:
-            if ext.lower() in extra:
-                lo = off - buf_start
-                if lo < 0 or lo + size > n:
-                    raise TarFormatError("a member lies outside the bytes read (truncated shard?)")
-                more[ext.lower()] = bytes(buf[lo : lo + size])
-        out.append(more)
+    out: list[dict[str, bytes]] = [{} for _ in range(len(ids))]
+    for ext in extra:
+        span = index.spans.get(ext)
+        if span is None:
+            continue
+        at, size = span[ids, 0], span[ids, 1]
+        has = np.flatnonzero(at >= 0)
+        lo = at[has] - buf_start
+        if len(has) and (lo.min() < 0 or (lo + size[has]).max() > n):
+            raise TarFormatError("a member lies outside the bytes read (truncated shard?)")
+        for r, a, m in zip(has.tolist(), lo.tolist(), size[has].tolist(), strict=True):
+            out[r][ext] = bytes(buf[a : a + m])
     return out

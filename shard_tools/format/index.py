@@ -9,7 +9,6 @@ members out of one ranged read, without parsing tar headers.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -56,26 +55,22 @@ def parse_labels(text: str, *, source: str = "labels") -> tuple[np.ndarray, tupl
     return labels, tuple(r[1] for r in rows)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class ShardIndex:
-    """The parsed .idx: per sample its member list and its byte span in the tar."""
+    """The parsed .idx, as arrays: each sample's byte span in the tar, its key, and where
+    each of its members lies, by extension. A loader keeps the index of every shard it
+    reads; arrays hold ~150 bytes a sample where a tuple per member held ~860."""
 
-    members: tuple[tuple[tuple[str, int, int, str], ...], ...]  # (ext, offset, size, name)
     begin: np.ndarray  # int64 [n]: first data byte of the sample (after its header)
     end: np.ndarray  # int64 [n]: one past the last data byte
-    keys: tuple[str, ...]
+    keys: np.ndarray  # object [n]: str (a reader takes many with one index)
+    # lower-case extension -> int64 [n, 2]: (offset, size) of that member, -1 if none
+    spans: dict[str, np.ndarray]
     image: np.ndarray  # int64 [n, 2]: (offset, size) of the image member, -1 if none
     label: np.ndarray  # int64 [n, 2]: (offset, size) of the .cls member, -1 if none
 
     def __len__(self) -> int:
-        return len(self.members)
-
-    @functools.cached_property
-    def key_array(self) -> np.ndarray:
-        """The keys as an object array: a reader takes many of them with one index."""
-        out = np.empty(len(self.keys), dtype=object)
-        out[:] = self.keys
-        return out
+        return len(self.begin)
 
     def ranges(
         self, indices: np.ndarray, merge_gap: int, max_bytes: int
@@ -113,33 +108,36 @@ def parse_index(text: str, *, source: str = "index") -> ShardIndex:
     body = [ln for ln in lines[1:] if ln.strip()]
     if len(body) != count:
         raise TarFormatError(f"{source} declares {count} samples but lists {len(body)}")
-    members = []
-    keys = []
+    keys = np.empty(count, dtype=object)
     begin = np.empty(count, dtype=np.int64)
     end = np.empty(count, dtype=np.int64)
-    image = np.full((count, 2), -1, dtype=np.int64)
-    label = np.full((count, 2), -1, dtype=np.int64)
+    found: dict[str, list[tuple[int, int, int]]] = {}  # ext -> (sample, offset, size)
     for i, line in enumerate(body):
         parts = line.split(" ")
         if len(parts) % 4 or not all(p.isdigit() for p in parts[1::4] + parts[2::4]):
             raise TarFormatError(f"{source}: line {i + 2} is malformed")
-        sample = tuple(
-            (parts[j], int(parts[j + 1]), int(parts[j + 2]), parts[j + 3])
-            for j in range(0, len(parts), 4)
-        )
-        members.append(sample)
-        keys.append(split_name(sample[0][3])[0])
-        begin[i] = min(m[1] for m in sample)
-        end[i] = max(m[1] + m[2] for m in sample)
-        exts = {m[0].lower(): m for m in sample}
-        img = next((exts[e] for e in IMAGE_EXTS if e in exts), None)
-        if img is not None:
-            image[i] = img[1:3]
-        if LABEL_EXT in exts:
-            label[i] = exts[LABEL_EXT][1:3]
-    return ShardIndex(
-        members=tuple(members), begin=begin, end=end, keys=tuple(keys), image=image, label=label
-    )
+        lo, hi = None, 0
+        for j in range(0, len(parts), 4):
+            offset, size = int(parts[j + 1]), int(parts[j + 2])
+            found.setdefault(parts[j].lower(), []).append((i, offset, size))
+            lo = offset if lo is None or offset < lo else lo
+            hi = max(hi, offset + size)
+        keys[i] = split_name(parts[3])[0]
+        begin[i], end[i] = lo, hi
+    spans = {}
+    for ext, rows in found.items():
+        span = np.full((count, 2), -1, dtype=np.int64)
+        at = np.array(rows, dtype=np.int64)
+        span[at[:, 0], 0], span[at[:, 0], 1] = at[:, 1], at[:, 2]  # a repeated extension: the last
+        spans[ext] = span
+    image = np.full((count, 2), -1, dtype=np.int64)
+    for ext in reversed(IMAGE_EXTS):  # the first of IMAGE_EXTS a sample has
+        if ext in spans:
+            has = spans[ext][:, 0] >= 0
+            image[has] = spans[ext][has]
+    none = np.full((count, 2), -1, dtype=np.int64)
+    return ShardIndex(begin=begin, end=end, keys=keys, spans=spans, image=image,
+                      label=spans.get(LABEL_EXT, none))  # fmt: skip
 
 
 def slice_samples(
@@ -165,6 +163,7 @@ def slice_samples(
             if lo.min() < 0 or (lo + arr[present, 1]).max() > n:
                 raise TarFormatError("a sample lies outside the bytes read (truncated shard?)")
     keys = index.keys
+    spans = [(ext, index.spans[ext]) for ext in extra if ext in index.spans]
     out = []
     for i, (io_, isz), (lo_, lsz) in zip(indices.tolist(), img.tolist(), lab.tolist(), strict=True):
         a = io_ - buf_start
@@ -172,14 +171,15 @@ def slice_samples(
         more = None
         if extra:
             more = {}
-            for ext, off, size, _ in index.members[i]:
-                if ext.lower() in extra:
+            for ext, span in spans:
+                off, size = span[i].tolist()
+                if off >= 0:
                     lo = off - buf_start
                     if lo < 0 or lo + size > n:
                         raise TarFormatError(
                             "a member lies outside the bytes read (truncated shard?)"
                         )
-                    more[ext.lower()] = buf[lo : lo + size]
+                    more[ext] = buf[lo : lo + size]
         out.append(
             RawSample(
                 keys[i],

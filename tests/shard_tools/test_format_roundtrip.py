@@ -85,6 +85,8 @@ def test_writer_and_readers_agree(seed, tmp_path):
     every = np.arange(len(samples))
     start, stop = int(index.begin.min()), int(index.end.max())
     assert slice_samples(data[start:stop], start, index, every) == whole
+    extra = ("json", "txt", "seg.png")  # members asked for by extension, any case written
+    assert slice_samples(data[start:stop], start, index, every, extra) == tar_samples(data, extra)
     for (key, members), raw in zip(samples, whole, strict=True):
         by = {e.lower(): d for e, d in members}  # a loader picks jpg, then jpeg, png, webp
         image = next((by[e] for e in ("jpg", "jpeg", "png", "webp") if e in by), None)
@@ -140,8 +142,8 @@ def test_index_ranges_cover_the_samples_in_runs_bounded_by_gap_and_size(seed):
     size = rng.integers(1, 5000, n)
     gap = np.where(rng.random(n) < 0.1, rng.integers(0, 20000, n), 512)
     begin = np.cumsum(size + gap) - size
-    index = ShardIndex(members=((),) * n, begin=begin, end=begin + size, keys=("k",) * n,
-                       image=np.zeros((n, 2)), label=np.zeros((n, 2)))  # fmt: skip
+    index = ShardIndex(begin=begin, end=begin + size, keys=np.array(["k"] * n, dtype=object),
+                       spans={}, image=np.zeros((n, 2)), label=np.zeros((n, 2)))  # fmt: skip
     picked = np.sort(rng.choice(n, size=rng.integers(1, 2 * n), replace=True))
     merge_gap, max_bytes = int(rng.integers(0, 10000)), int(rng.integers(1000, 60000))
     want, first = [], 0  # the rule, one sample at a time

@@ -49,21 +49,23 @@ log = logging.getLogger("pipeline")
 MERGE_GAP_BYTES = 1 << 20  # read through gaps up to this size rather than issue another request
 
 
-def _map_range(path: str, start: int, stop: int) -> tuple[mmap.mmap, int]:
-    """Bytes START..STOP of the local file PATH, mapped read-only (no copy), from the page
-    boundary at or before START: (the mapping, its first byte's offset). Its slices are
-    copies, memoryviews of it are not; it is unmapped when the last of them goes. Pages
-    are mapped as they are first touched (MAP_POPULATE costs more than the faults of the
-    one copy made of each image: ~12 against ~10.5 us per 114 KB image here)."""
+# Whole shard files kept mapped by a Dataset that maps (a mapping costs address space, and
+# page cache the kernel can reclaim, not memory of the process).
+MAPPED_FILES = 64
+
+
+def _map_file(path: str) -> mmap.mmap:
+    """The local file PATH, mapped read-only whole (no copy). Its slices are copies,
+    memoryviews of it are not; it is unmapped when the last of them goes. Pages are mapped
+    as they are first touched and stay mapped while the mapping is kept: a mapping made
+    per read faulted its pages in again every epoch, about one fault per small image
+    (MAP_POPULATE costs more than those faults for photos: ~12 against ~10.5 us per 114 KB
+    image)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        if size < stop:  # mapped bytes past the end would be a SIGBUS, not a short read
-            raise TarFormatError(
-                f"short read: bytes {start}..{stop} of a {size}-byte file (truncated shard?)"
-            )
-        at = start - start % mmap.ALLOCATIONGRANULARITY
-        return mmap.mmap(fd, stop - at, mmap.MAP_SHARED, mmap.PROT_READ, offset=at), at
+        if os.fstat(fd).st_size == 0:
+            raise TarFormatError("short read: the shard file is empty (truncated shard?)")
+        return mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
     finally:
         os.close(fd)
 
@@ -134,6 +136,8 @@ class Dataset:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _retried: int = field(default=0, repr=False)
     _unmappable: set[str] = field(default_factory=set, repr=False)  # read, not mapped
+    # shard name -> (its file mapped whole, (inode, size) when mapped): see _map_file
+    _maps: dict[str, tuple[mmap.mmap, tuple[int, int]]] = field(default_factory=dict, repr=False)
     # What the shards' samples were found to be (columns.ShardFacts), by shard: 33 bytes a
     # sample read, against the few hundred its .idx entry (_indexes) holds.
     _facts: dict[int, columns.ShardFacts] = field(default_factory=dict, repr=False)
@@ -302,11 +306,34 @@ class Dataset:
         """Bytes START..STOP of shard NAME: (a buffer, the shard offset of its first byte)."""
         if self.mapped and stop > start:
             try:
-                return _map_range(self._shard_file(name), start, stop)
+                return self._mapping(name, stop), 0
             except OSError:
                 # not mappable here (a missing file, a file system without mmap): read it
                 self._unmappable.add(name)
         return self._read(name, start, stop), start
+
+    def _mapping(self, name: str, stop: int) -> mmap.mmap:
+        """Shard NAME's file mapped whole (kept: MAPPED_FILES), at least STOP bytes long.
+        Each read looks at the file first (one stat): a file replaced or cut short since it
+        was mapped is mapped afresh, so that a truncated shard is a short read here, not a
+        SIGBUS when its missing pages are touched."""
+        path = self._shard_file(name)
+        st = os.stat(path)
+        with self._lock:
+            found = self._maps.get(name)
+        if found is not None and found[1] == (st.st_ino, st.st_size) and len(found[0]) >= stop:
+            return found[0]
+        mapping = _map_file(path)
+        if len(mapping) < stop:  # mapped bytes past the end would be a SIGBUS, not a short read
+            raise TarFormatError(
+                f"short read: bytes ..{stop} of a {len(mapping)}-byte file (truncated shard?)"
+            )
+        with self._lock:
+            self._maps.pop(name, None)
+            if len(self._maps) >= MAPPED_FILES:
+                del self._maps[next(iter(self._maps))]
+            self._maps[name] = (mapping, (st.st_ino, st.st_size))
+        return mapping
 
     def _whole(self, info, listed: tuple[str, ...] | None) -> list[RawSample]:
         """Every sample of a shard read whole (no .idx: compressed, or foreign); LISTED

@@ -132,6 +132,35 @@ def test_truncated_shard_fails_naming_it(small_ds, tmp_path, mapped):
         ds.read_samples(1, np.arange(17))
 
 
+def test_a_mapped_shard_is_mapped_once_and_a_shard_cut_short_since_is_a_clear_error(
+    small_ds, tmp_path, monkeypatch
+):
+    """A dataset that maps keeps each shard file mapped across reads (its pages stay
+    mapped for the next epoch); a shard truncated in place after it was mapped is a short
+    read naming it at the next read, not a SIGBUS."""
+    import shutil
+
+    from pipeline import storage
+
+    root = tmp_path / "ds"
+    shutil.copytree(small_ds, root)
+    ds = _open(str(root), retries=0)
+    ds.map_local = True
+    mapped = []
+    real = storage._map_file
+    monkeypatch.setattr(storage, "_map_file", lambda path: (mapped.append(path), real(path))[1])
+    n = ds.manifest.shards[1].samples
+    first = [bytes(i) for i in ds.read_columns(1, np.arange(n)).images(np.arange(n), views=True)]
+    again = ds.read_columns(1, np.arange(n))
+    assert [bytes(i) for i in again.images(np.arange(n), views=True)] == first
+    assert len(mapped) == 1
+    tar = root / "shard-000001.tar"
+    with open(tar, "r+b") as f:  # in place: the same file, now shorter
+        f.truncate(5000)
+    with pytest.raises(ShardReadError, match=r"shard-000001\.tar.*truncated"):
+        ds.read_columns(1, np.arange(n))
+
+
 def test_retries_are_counted_in_the_epoch_report(small_ds, tmp_path):
     import dataclasses
     import shutil

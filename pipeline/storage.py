@@ -20,6 +20,7 @@ import os
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,11 @@ from shard_tools.format import (
 log = logging.getLogger("pipeline")
 
 MERGE_GAP_BYTES = 1 << 20  # read through gaps up to this size rather than issue another request
+# A dataset keeps what it parsed and learnt of the shards it read (index, adopted labels,
+# sample facts: ~190 bytes a sample) for this many samples, least recently used dropped
+# first: a whole ImageNet-1k in ~240 MB, a web-scale pass in bounded memory. A shard
+# dropped is parsed and checked again when next read (a few us a sample).
+CACHED_SAMPLES = 1_300_000
 
 
 # Whole shard files kept mapped by a Dataset that maps (a mapping costs address space, and
@@ -136,11 +142,15 @@ class Dataset:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _retried: int = field(default=0, repr=False)
     _unmappable: set[str] = field(default_factory=set, repr=False)  # read, not mapped
+    _cached: int = field(default=0, repr=False)  # samples of the shards in _recent
     # shard name -> (its file mapped whole, (inode, size) when mapped): see _map_file
     _maps: dict[str, tuple[mmap.mmap, tuple[int, int]]] = field(default_factory=dict, repr=False)
     # What the shards' samples were found to be (columns.ShardFacts), by shard: 33 bytes a
-    # sample read, against the few hundred its .idx entry (_indexes) holds.
+    # sample read, beside ~150 its parsed .idx (_indexes) holds.
     _facts: dict[int, columns.ShardFacts] = field(default_factory=dict, repr=False)
+    # Shards with something cached above, least recently used first -> their samples.
+    _recent: OrderedDict[int, int] = field(default_factory=OrderedDict, repr=False)
+    cached_samples: int = CACHED_SAMPLES  # at most this many samples' worth of the above
 
     @classmethod
     def open(cls, cfg) -> Dataset:
@@ -254,6 +264,7 @@ class Dataset:
         """The parsed .idx of SHARD (cached), or None if the manifest lists none."""
         with self._lock:
             if shard in self._indexes:
+                self._touch(shard)
                 return self._indexes[shard]
         info = self.manifest.shards[shard]
         idx = None
@@ -270,12 +281,30 @@ class Dataset:
             idx = self._retry(f"index {info.index}", load)
         with self._lock:
             self._indexes[shard] = idx
+            self._touch(shard)
         return idx
+
+    def _touch(self, shard: int) -> None:
+        """SHARD was used (under _lock): drop what is cached of the least recently used
+        shards beyond cached_samples (the latest is kept whatever its size)."""
+        recent = self._recent
+        if shard in recent:
+            recent.move_to_end(shard)
+            return
+        recent[shard] = int(self.manifest.shards.samples[shard])
+        self._cached += recent[shard]
+        while self._cached > self.cached_samples and len(recent) > 1:
+            old, n = recent.popitem(last=False)
+            self._cached -= n
+            self._indexes.pop(old, None)
+            self._labels.pop(old, None)
+            self._facts.pop(old, None)
 
     def sample_labels(self, shard: int) -> tuple[np.ndarray, tuple[str, ...]] | None:
         """(labels, keys) from an adopted shard's .labels file (cached), else None."""
         with self._lock:
             if shard in self._labels:
+                self._touch(shard)
                 return self._labels[shard]
         info = self.manifest.shards[shard]
         found = None
@@ -292,6 +321,7 @@ class Dataset:
             found = self._retry(f"labels {info.labels}", load)
         with self._lock:
             self._labels[shard] = found
+            self._touch(shard)
         return found
 
     def _read(self, name: str, start: int | None = None, stop: int | None = None) -> bytes:
@@ -403,6 +433,7 @@ class Dataset:
             facts = self._facts.get(shard)
             if facts is None:
                 facts = self._facts[shard] = columns.ShardFacts(len(idx))
+            self._touch(shard)
         parts = []
         for start, stop, ids in idx.ranges(indices, MERGE_GAP_BYTES, self.max_read_bytes):
 

@@ -423,3 +423,26 @@ def test_batch_origins_point_at_each_image_in_its_shard_file(small_ds, corrupt_d
     for root, mapped in ((small_ds, False), (noidx_ds, True)):
         assert all(enc.origin is None and len(enc.images) == 4
                    for enc in batches(root, mapped)[1])  # fmt: skip
+
+
+def test_what_is_cached_of_the_shards_read_is_bounded_and_reads_stay_the_same(small_ds):
+    """A dataset keeps parsed indexes and sample facts for at most cached_samples samples
+    (the least recently used shards dropped, the latest kept whatever its size); a shard
+    dropped is read again as it was read the first time."""
+    unbounded, bounded = _open(small_ds), _open(small_ds)
+    shards = bounded.manifest.shards
+    bounded.cached_samples = int(shards.samples[0]) + 1  # about one shard
+    for _ in range(2):
+        for shard in range(len(shards)):
+            n = int(shards.samples[shard])
+            want, got = (
+                unbounded.read_columns(shard, np.arange(n)),
+                bounded.read_columns(shard, np.arange(n)),
+            )
+            for name in ("keys", "label", "width", "height", "key_hash"):
+                assert getattr(got, name).tolist() == getattr(want, name).tolist()
+            assert got.problems == want.problems
+            cached = set(bounded._indexes) | set(bounded._facts)
+            assert shard in cached
+            assert sum(int(shards.samples[s]) for s in cached) <= bounded.cached_samples + n
+    assert len(cached) < len(shards) == len(unbounded._indexes)

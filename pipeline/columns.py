@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.augment import key_hashes
-from pipeline.sanity import inspect_many
-from shard_tools.format import TarFormatError
+from pipeline.sanity import inspect_image, inspect_many
+from shard_tools.format import RawSample, TarFormatError
 
 NO_IMAGE = "sample has no jpg/png/webp image"
 NO_LABEL = "sample has no .cls label"
@@ -83,14 +83,20 @@ def concat(parts: list[Columns]) -> Columns:
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
-    bufs: list = []
+    bufs: list = []  # each distinct buffer once (the reads of a mapped shard share its map)
     which = []
     problems: dict[int, str] = {}
     offset = 0
     for c in parts:
+        ids = []
+        for b in c.bufs:
+            at = next((i for i, known in enumerate(bufs) if known is b), None)
+            if at is None:
+                at = len(bufs)
+                bufs.append(b)
+            ids.append(at)
         p = np.zeros(len(c), dtype=np.int32) if c.part is None else c.part
-        which.append(p + len(bufs))
-        bufs.extend(c.bufs)
+        which.append(np.asarray(ids, dtype=np.int32)[p])
         problems.update({offset + r: why for r, why in c.problems.items()})
         offset += len(c)
 
@@ -99,9 +105,10 @@ def concat(parts: list[Columns]) -> Columns:
 
     extra = None if first.extra is None else [e for c in parts for e in c.extra]  # type: ignore[union-attr]
     origin = None if any(c.origin is None for c in parts) else cat("origin")
-    return Columns(shard=first.shard, keys=cat("keys"), bufs=bufs, part=np.concatenate(which),
-                   start=cat("start"), size=cat("size"), label=cat("label"),
-                   key_hash=cat("key_hash"), width=cat("width"), height=cat("height"), problems=problems, extra=extra,
+    part = np.concatenate(which) if len(bufs) > 1 else None
+    return Columns(shard=first.shard, keys=cat("keys"), bufs=bufs, part=part, start=cat("start"),
+                   size=cat("size"), label=cat("label"), key_hash=cat("key_hash"),
+                   width=cat("width"), height=cat("height"), problems=problems, extra=extra,
                    origin=origin)  # fmt: skip
 
 
@@ -111,8 +118,7 @@ def take(c: Columns, rows: np.ndarray) -> Columns:
     return Columns(shard=c.shard, keys=c.keys[rows], bufs=c.bufs,
                    part=None if c.part is None else c.part[rows], start=c.start[rows],
                    size=c.size[rows], label=c.label[rows], key_hash=c.key_hash[rows],
-                   width=c.width[rows],
-                   height=c.height[rows],
+                   width=c.width[rows], height=c.height[rows],
                    problems={where[r]: why for r, why in c.problems.items() if r in where},
                    extra=None if c.extra is None else [c.extra[r] for r in rows.tolist()],
                    origin=None if c.origin is None else c.origin[rows])  # fmt: skip
@@ -197,21 +203,61 @@ def _work_out(buf, buf_start: int, index, ids, start, size, present, facts: Shar
     facts.learn(ids, label, key_hashes(index.keys[ids].tolist()), w, h, problems)
 
 
-def from_samples(samples: list, shard: int) -> Columns:
-    """Columns of pipeline.reader.Sample objects (a shard read whole, no .idx)."""
+def from_raw(raws: list, shard: int, labelled: bool, extra: tuple[str, ...]) -> Columns:
+    """Columns of RAWS (RawSample: a shard read whole, no .idx), each worked out by
+    to_sample; EXTRA: the member extensions the dataset asks for."""
+    samples = [to_sample(r, labelled) for r in raws]
     images = [bytes(s.image) for s in samples]
     size = np.fromiter((len(b) for b in images), dtype=np.int64, count=len(images))
-    start = np.cumsum(size) - size
     problems = {i: s.problem for i, s in enumerate(samples) if s.problem is not None}
     keys = np.empty(len(samples), dtype=object)
     keys[:] = [s.key for s in samples]
-    return Columns(shard=shard, keys=keys, bufs=[b"".join(images)], part=None, start=start,
-                   size=size, label=np.array([s.label for s in samples], dtype=np.int64),
-                   key_hash=key_hashes([s.key for s in samples]),
+    return Columns(shard=shard, keys=keys, bufs=[b"".join(images)], part=None,
+                   start=np.cumsum(size) - size, size=size,
+                   label=np.array([s.label for s in samples], dtype=np.int64),
+                   key_hash=key_hashes(keys.tolist()),
                    width=np.array([s.width for s in samples], dtype=np.int32),
                    height=np.array([s.height for s in samples], dtype=np.int32),
                    problems=problems,
-                   extra=[s.extra for s in samples] if any(s.extra for s in samples) else None)  # fmt: skip
+                   extra=[s.extra for s in samples] if extra else None)  # fmt: skip
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass is built 4x slower, per sample
+class Sample:
+    """A sample ready for a decoder: its image bytes, label and any problem found."""
+
+    key: str
+    image: bytes
+    label: int
+    problem: str | None
+    extra: dict[str, bytes] | None = None
+    width: int = 0  # from the image's header (a random resized crop needs it)
+    height: int = 0
+
+
+def to_sample(raw: RawSample, labelled: bool = True) -> Sample:
+    """Parse the label and check the image bytes; record what is wrong, if anything.
+    An unlabelled dataset's samples get label -1 and need no .cls. (A read unit's samples
+    get the same verdicts as arrays: pipeline.from_range.)"""
+    problem = None
+    label = -1
+    if isinstance(raw.label, int):  # given by an adopted dataset's .labels
+        label = raw.label
+    elif not labelled:
+        pass
+    elif raw.label is None:
+        problem = NO_LABEL
+    else:
+        try:
+            label = int(raw.label)
+        except ValueError:
+            problem = BAD_LABEL
+        if label not in INT64:
+            label, problem = -1, BIG_LABEL
+    if raw.image is None:
+        return Sample(raw.key, b"", label, NO_IMAGE, raw.extra)
+    bad, (width, height) = inspect_image(raw.image)
+    return Sample(raw.key, raw.image, label, problem or bad, raw.extra, width, height)
 
 
 def _parse_labels(buf, spans: np.ndarray, buf_start: int, problems: dict[int, str]) -> np.ndarray:

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.batch import Batch
-from pipeline.reader import CorruptDataError, extra_text, to_sample
+from pipeline.columns import to_sample
+from pipeline.reader import CorruptDataError, extra_text
 from pipeline.torch_backend import Normalizer
 
 log = logging.getLogger("pipeline")

@@ -23,27 +23,12 @@ import numpy as np
 
 from pipeline import columns
 from pipeline.columns import Columns
-from pipeline.sanity import inspect_image
-from shard_tools.format import RawSample
 
 log = logging.getLogger("pipeline")
 
 
 class CorruptDataError(RuntimeError):
     """No valid image to stand in for a corrupt one."""
-
-
-@dataclass(slots=True)  # not frozen: a frozen dataclass is built 4x slower, per sample
-class Sample:
-    """A sample ready for a decoder: its image bytes, label and any problem found."""
-
-    key: str
-    image: bytes
-    label: int
-    problem: str | None
-    extra: dict[str, bytes] | None = None
-    width: int = 0  # from the image's header (a random resized crop needs it)
-    height: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,31 +85,6 @@ class EncodedBatch:
         return EncodedBatch(step=self.step, keys=keys, images=images, labels=labels,
                             skipped=skipped, key_hash=key_hash, extra=extra, width=width, height=height,
                             packed=packed, origin=origin)  # fmt: skip
-
-
-def to_sample(raw: RawSample, labelled: bool = True) -> Sample:
-    """Parse the label and check the image bytes; record what is wrong, if anything.
-    An unlabelled dataset's samples get label -1 and need no .cls. (A read unit's samples
-    get the same verdicts as arrays: pipeline.columns.from_range.)"""
-    problem = None
-    label = -1
-    if isinstance(raw.label, int):  # given by an adopted dataset's .labels
-        label = raw.label
-    elif not labelled:
-        pass
-    elif raw.label is None:
-        problem = columns.NO_LABEL
-    else:
-        try:
-            label = int(raw.label)
-        except ValueError:
-            problem = columns.BAD_LABEL
-        if label not in columns.INT64:
-            label, problem = -1, columns.BIG_LABEL
-    if raw.image is None:
-        return Sample(raw.key, b"", label, columns.NO_IMAGE, raw.extra)
-    bad, (width, height) = inspect_image(raw.image)
-    return Sample(raw.key, raw.image, label, problem or bad, raw.extra, width, height)
 
 
 def _units(shard: np.ndarray, max_samples) -> list[tuple[int, int, int]]:
@@ -366,13 +326,6 @@ class _Gathered:
                 )
         self.bad = sorted(bad)
 
-    def _problem(self, i: int) -> str:
-        for c, s, r in zip(self.parts, self.sel, self.rows, strict=True):
-            hit = np.flatnonzero(s == i)
-            if len(hit):
-                return c.problems[int(r[hit[0]])]
-        raise AssertionError("unreachable")
-
     def _source(self, i: int) -> tuple[Columns, int]:
         for c, s, r in zip(self.parts, self.sel, self.rows, strict=True):
             hit = np.flatnonzero(s == i)
@@ -391,7 +344,8 @@ class _Gathered:
             good = next((i for i in range(n) if i not in bad), None)
             stand_in = self._source(good) if good is not None else last_valid
             for i in self.bad:
-                why = self._problem(i)
+                c, row = self._source(i)
+                why = c.problems[row]
                 log.warning("skipping corrupt sample %s (%s): %s", keys[i], where(i), why)
                 skipped.append(keys[i])
                 if stand_in is None:
@@ -405,8 +359,8 @@ class _Gathered:
         elif n:
             last_valid = self._source(n - 1)
         batch = EncodedBatch(step=step, keys=keys, images=self.images, labels=self.label,
-                             skipped=tuple(skipped), key_hash=self.key_hash, extra=self.extra, width=self.width,
-                             height=self.height, origin=self.origin)  # fmt: skip
+                             skipped=tuple(skipped), key_hash=self.key_hash, extra=self.extra,
+                             width=self.width, height=self.height, origin=self.origin)  # fmt: skip
         return batch, last_valid
 
     def _replace(self, i: int, c: Columns, r: int, keys: list) -> None:

@@ -76,6 +76,15 @@ def _map_file(path: str) -> mmap.mmap:
         os.close(fd)
 
 
+def _adopted_labels(samples: list[RawSample], adopted, indices: np.ndarray) -> list[RawSample]:
+    """SAMPLES (INDICES of a shard) with the labels adopt resolved (ADOPTED: the shard's
+    .labels, or None), not the tar's own."""
+    if adopted is None:
+        return samples
+    labels = adopted[0][indices].tolist()
+    return [dataclasses.replace(s, label=lab) for s, lab in zip(samples, labels, strict=True)]
+
+
 class ShardReadError(RuntimeError):
     """A shard (or its index) could not be read after all retries."""
 
@@ -400,34 +409,25 @@ class Dataset:
                 return slice_samples(buf, at, idx, ids, self.extra)
 
             out.extend(self._retry(f"shard {info.name} (bytes {start}..{stop})", part))
-        if adopted is not None:  # labels as adopt resolved them, not the tar's own
-            labels = adopted[0][indices].tolist()
-            out = [dataclasses.replace(s, label=lab) for s, lab in zip(out, labels, strict=True)]
-        return out
+        return _adopted_labels(out, adopted, indices)
 
     def _whole_samples(self, shard: int, indices: np.ndarray) -> list[RawSample]:
         info = self.manifest.shards[shard]
         adopted = self.sample_labels(shard)
         listed = adopted[1] if adopted is not None else None
         everything = self._retry(f"shard {info.name}", lambda: self._whole(info, listed))
-        out = [everything[i] for i in indices.tolist()]
-        if adopted is not None:
-            labels = adopted[0][indices].tolist()
-            out = [dataclasses.replace(s, label=lab) for s, lab in zip(out, labels, strict=True)]
-        return out
+        return _adopted_labels([everything[i] for i in indices.tolist()], adopted, indices)
 
     def read_columns(self, shard: int, indices: np.ndarray) -> Columns:
         """Samples INDICES (sorted) of SHARD as pipeline.columns.Columns, every image
         checked (pipeline.sanity) over each read's buffer at once; images lie in the read
         buffers (a local shard's are mappings of its file, where ``mapped``), and where the
         shard is mapped each image's offset in its file is kept (Columns.origin)."""
-        from pipeline.reader import to_sample
-
         info = self.manifest.shards[shard]
         idx = self.index(shard)
         if idx is None:  # read whole: few samples per shard are the rule here, not speed
-            samples = [to_sample(r, self.labelled) for r in self._whole_samples(shard, indices)]
-            return columns.from_samples(samples, shard)
+            raws = self._whole_samples(shard, indices)
+            return columns.from_raw(raws, shard, self.labelled, self.extra)
         adopted = self.sample_labels(shard)
         with self._lock:
             facts = self._facts.get(shard)
@@ -447,7 +447,7 @@ class Dataset:
             parts.append(self._retry(f"shard {info.name} (bytes {start}..{stop})", part))
         out = columns.concat(parts)
         if self.mapped and info.name not in self._unmappable:
-            out.origin = idx.image[indices, 0]
+            out.origin = out.start  # the buffer read is the whole file (_mapping)
         return out
 
     def read_bytes(self, shard: int) -> bytes:

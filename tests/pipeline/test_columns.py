@@ -105,3 +105,16 @@ def test_a_batch_gathered_from_units_with_a_stand_in_from_an_unmapped_one_carrie
     batch, last = got.batch(1, (earlier, 0), lambda i: "?")
     assert batch.keys == ["z", "z"] and batch.skipped == ("b", "b") and batch.origin is None
     assert batch.images == [b"<z>", b"<z>"] and last == (earlier, 0)
+
+
+def test_samples_read_whole_carry_extra_members_whenever_they_are_asked_for():
+    """A shard read whole (no .idx) gives per-row extra members exactly when the dataset
+    asks for some, even if none of its samples has them: units of shards with and without
+    an index are gathered into one batch."""
+    from shard_tools.format import RawSample
+
+    raws = [RawSample("a", b"not an image", b"1", {}), RawSample("b", None, b"2", {})]
+    asked = columns.from_raw(raws, 0, labelled=True, extra=("txt",))
+    assert asked.extra == [{}, {}] and asked.label.tolist() == [1, 2]
+    assert set(asked.problems) == {0, 1} and asked.problems[1] == columns.NO_IMAGE
+    assert columns.from_raw(raws, 0, labelled=True, extra=()).extra is None

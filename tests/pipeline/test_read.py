@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline import LoaderConfig
-from pipeline.reader import to_sample
+from pipeline.columns import to_sample
 from pipeline.sanity import check_image
 from pipeline.storage import Dataset, ShardReadError
 from shard_tools.format import tar_samples
